@@ -1,0 +1,1 @@
+"""Built-in Semantica runner plugins, registered under the `semantica.runners` entry points."""

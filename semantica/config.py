@@ -1,0 +1,118 @@
+"""Configuration: SPEC §2 environment variables, each overridable by a daemon flag."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from semantica.domain import DEFAULT_ENV_ALLOWLIST, ENV_NAME_PATTERN
+
+LOG_FORMATS = ("pretty", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the daemon cannot use; the message names the variable."""
+
+
+class Config(msgspec.Struct, kw_only=True, frozen=True):
+    home: Path
+    db_path: Path
+    socket_path: Path
+    rpc_port: int = 9527
+    log_format: str = "pretty"
+    log_level: str = "info"
+    workers: int = 1
+    retention_days: float = 7.0
+    max_db_size_mb: int = 1000
+    synchronous: str = "FULL"
+    env_allowlist: frozenset[str] = DEFAULT_ENV_ALLOWLIST
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def token_path(self) -> Path:
+        return self.home / "token"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.db_path.with_name(self.db_path.name + ".lock")
+
+
+def _int(name: str, raw: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} is out of range: use {low}..{high}")
+    return value
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def load(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, str | None] | None = None
+) -> Config:
+    """Build the configuration from `env` (default: os.environ) and flag `overrides`.
+
+    `overrides` uses the variable names (`SEMANTICA_HOME`, ...); a None value means
+    the flag was not given. Paths are made absolute; nothing is created here.
+    """
+    source = dict(os.environ if env is None else env)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            source[name] = str(value)
+
+    def get(name: str, default: str) -> str:
+        value = source.get(name, "")
+        return value if value != "" else default
+
+    home = Path(get("SEMANTICA_HOME", str(Path.home() / ".semantica"))).expanduser().absolute()
+    allowlist = set(DEFAULT_ENV_ALLOWLIST)
+    for name in filter(None, (n.strip() for n in get("SEMANTICA_ENV_ALLOWLIST", "").split(","))):
+        if not ENV_NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"SEMANTICA_ENV_ALLOWLIST: {name!r} is not a variable name")
+        allowlist.add(name)
+    retention = get("SEMANTICA_RETENTION_DAYS", "7")
+    try:
+        retention_days = float(retention)
+    except ValueError:
+        raise ConfigError(f"SEMANTICA_RETENTION_DAYS={retention!r} is not a number") from None
+    if not 0 <= retention_days <= 36500:
+        raise ConfigError("SEMANTICA_RETENTION_DAYS must be between 0 and 36500")
+    return Config(
+        home=home,
+        db_path=Path(get("SEMANTICA_DB_PATH", str(home / "meta.db"))).expanduser().absolute(),
+        socket_path=Path(get("SEMANTICA_SOCKET_PATH", str(home / "semantica.sock")))
+        .expanduser()
+        .absolute(),
+        rpc_port=_int("SEMANTICA_RPC_PORT", get("SEMANTICA_RPC_PORT", "9527"), 0, 65535),
+        log_format=_choice(
+            "SEMANTICA_LOG_FORMAT", get("SEMANTICA_LOG_FORMAT", "pretty"), LOG_FORMATS
+        ),
+        log_level=_choice("SEMANTICA_LOG_LEVEL", get("SEMANTICA_LOG_LEVEL", "info"), LOG_LEVELS),
+        workers=_int(
+            "SEMANTICA_WORKERS", get("SEMANTICA_WORKERS", str(os.cpu_count() or 1)), 1, 4096
+        ),
+        retention_days=retention_days,
+        max_db_size_mb=_int(
+            "SEMANTICA_MAX_DB_SIZE_MB", get("SEMANTICA_MAX_DB_SIZE_MB", "1000"), 1, 10**7
+        ),
+        synchronous=_choice(
+            "SEMANTICA_SYNCHRONOUS",
+            get("SEMANTICA_SYNCHRONOUS", "full"),
+            ("normal", "full", "extra"),
+        ).upper(),
+        env_allowlist=frozenset(allowlist),
+    )

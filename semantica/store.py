@@ -1,0 +1,877 @@
+"""The durable job store: the only module that speaks SQL.
+
+One `Store` owns one apsw connection. Every public method is one transaction; SQL
+lives in named constants next to the method that runs it. State changes are checked
+against `domain.TRANSITIONS`: bulk updates build their `WHERE state IN (...)` from
+the table, single-job changes call `domain.check_transition`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import apsw
+import msgspec
+
+from semantica import domain
+from semantica.domain import (
+    EnqueueRequest,
+    IllegalTransition,
+    Job,
+    Outcome,
+    State,
+    ValidationError,
+)
+
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+BUSY_TIMEOUT_MS = 5000
+LIST_LIMIT_MAX = 1000
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.decode
+_decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_str_list = msgspec.json.Decoder(list[str]).decode
+_decode_str_map = msgspec.json.Decoder(dict[str, str]).decode
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """Base class for errors the store reports to its callers."""
+
+
+class NotFound(StoreError):
+    """No job (or queue) with that id/name."""
+
+    def __init__(self, what: str, ident: str) -> None:
+        self.what, self.ident = what, ident
+        super().__init__(f"no {what} {ident!r}: check the id with `semantica-cli list`")
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer Semantica than this one."""
+
+
+class StorageUnavailable(StoreError):
+    """The database cannot be written (disk full, read-only file, I/O error)."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+class EnqueueResult(msgspec.Struct, kw_only=True):
+    """The stored job plus what the enqueue did to other jobs of its key."""
+
+    job: Job
+    superseded_on_arrival: bool = False
+    superseded_ids: list[str] = msgspec.field(default_factory=list)
+    superseded_running_ids: list[str] = msgspec.field(default_factory=list)
+
+
+class CancelResult(msgspec.Struct, kw_only=True):
+    cancelled: list[str]
+    was_running: list[str]  # their processes must be stopped by the caller
+    dependents_cancelled: list[str] = msgspec.field(default_factory=list)
+
+
+class Conditions(msgspec.Struct, kw_only=True, frozen=True):
+    """What the machine offers right now, for `wait_for_idle` / `require_charging` jobs."""
+
+    cpu_idle: bool
+    on_ac_power: bool
+
+
+class JobFilter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    state: State | None = None
+    queue: str | None = None
+    job_type: str | None = None
+    tag: str | None = None
+    chain: str | None = None
+    subject: str | None = None
+
+
+class QueueInfo(msgspec.Struct, kw_only=True):
+    name: str
+    concurrency: int | None
+    paused: bool
+    counts: dict[str, int]
+
+
+class Stats(msgspec.Struct, kw_only=True):
+    by_state: dict[str, int]
+    by_queue: dict[str, dict[str, int]]
+    running: int
+    db_size_bytes: int
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def schema_dir() -> Path:
+    """Where the numbered migrations live: beside the package in a wheel, else the repo."""
+    packaged = Path(__file__).with_name("_schema")
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "schema"
+
+
+_MIGRATION_NAME = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
+
+
+def migrations() -> list[tuple[int, Path, Path]]:
+    """(version, up script, down script) for every migration, in order."""
+    found = []
+    base = schema_dir()
+    for path in sorted(base.glob("*.sql")):
+        m = _MIGRATION_NAME.fullmatch(path.name)
+        if not m:
+            continue
+        down = base / "down" / path.name.replace(".sql", ".down.sql")
+        found.append((int(m.group(1)), path, down))
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise RuntimeError(f"migrations in {base} are not numbered 001, 002, ...: {versions}")
+    return found
+
+
+def latest_schema_version() -> int:
+    return len(migrations())
+
+
+def _user_version(db: apsw.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchall()[0][0]
+
+
+def migrate(db: apsw.Connection, target: int | None = None) -> tuple[int, int]:
+    """Bring the schema to `target` (default: latest) in one transaction.
+
+    Goes up or down. Returns (version before, version after). A database newer than
+    this code is refused with SchemaTooNew and left untouched.
+    """
+    steps = migrations()
+    latest = len(steps)
+    target = latest if target is None else target
+    if not 0 <= target <= latest:
+        raise ValueError(f"schema version {target} does not exist (latest is {latest})")
+    with db:
+        current = _user_version(db)
+        if current > latest:
+            raise SchemaTooNew(
+                f"the database has schema version {current}, but this Semantica knows only "
+                f"up to {latest}: upgrade Semantica, or restore a backup made by this version"
+            )
+        for version, up, _down in steps:
+            if current < version <= target:
+                db.execute(up.read_text())
+        for version, _up, down in reversed(steps):
+            if target < version <= current:
+                db.execute(down.read_text())
+        db.execute(f"PRAGMA user_version = {int(target)}")
+    return current, target
+
+
+# --------------------------------------------------------------------------- SQL
+
+
+def _moving(target: State, *sources: State) -> str:
+    """SQL condition `state IN (sources)`, checked against the transition table at import.
+
+    Every UPDATE of `state` below builds its WHERE clause with this, so the SQL can
+    only make moves that `domain.TRANSITIONS` allows.
+    """
+    for source in sources:
+        domain.check_transition(source, target)
+    if len(sources) == 1:  # `=` lets the planner match the partial indexes
+        return f"state = '{sources[0].value}'"
+    return "state IN (" + ", ".join(f"'{s.value}'" for s in sources) + ")"
+
+
+def _moving_from_any(target: State) -> str:
+    return _moving(target, *domain.states_that_may_become(target))
+
+
+JOB_COLUMNS = (
+    "id, state, queue, job_type, subject_key, generation, payload, priority, execution_mode, "
+    "max_attempts, backoff_base_ms, backoff_factor, deadline_ms, ttl_ms, schedule_at, "
+    "wait_for_idle, require_charging, depends_on, user_tag, parent_job_id, chain_group_id, env, "
+    "attempt, created_at, run_after, started_at, finished_at, runner_pid, runner_start_time, "
+    "exit_code, error_kind, error_message, result_summary, artifacts, progress, progress_message"
+)
+
+SQL_ENSURE_QUEUE = "INSERT INTO queues (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
+
+# Without an explicit generation: latest + 1 (the first is 1).
+SQL_NEXT_GENERATION = """
+INSERT INTO subjects (queue, job_type, subject_key, latest_generation) VALUES (?, ?, ?, 1)
+ON CONFLICT DO UPDATE SET latest_generation = latest_generation + 1
+RETURNING latest_generation
+"""
+
+# With an explicit generation: remember the highest seen; the caller compares.
+SQL_RECORD_GENERATION = """
+INSERT INTO subjects (queue, job_type, subject_key, latest_generation) VALUES (?, ?, ?, ?)
+ON CONFLICT DO UPDATE SET latest_generation = max(latest_generation, excluded.latest_generation)
+RETURNING latest_generation
+"""
+
+SQL_SUPERSEDE_OLDER_QUEUED = f"""
+UPDATE jobs SET state = 'SUPERSEDED', finished_at = :now, error_kind = 'superseded',
+    error_message = 'superseded by a newer request for the same subject: job ' || :by
+WHERE {_moving(State.SUPERSEDED, State.QUEUED)}
+  AND queue = :queue AND job_type = :job_type AND subject_key = :subject_key
+RETURNING id
+"""
+
+SQL_SUPERSEDE_RUNNING = f"""
+UPDATE jobs SET state = 'SUPERSEDED', finished_at = :now, error_kind = 'superseded',
+    error_message = 'stopped: superseded while running by job ' || :by
+WHERE {_moving(State.SUPERSEDED, State.RUNNING)}
+  AND queue = :queue AND job_type = :job_type AND subject_key = :subject_key
+RETURNING id
+"""
+
+SQL_INSERT_JOB = """
+INSERT INTO jobs (
+    id, state, queue, job_type, subject_key, generation, payload, priority, execution_mode,
+    max_attempts, backoff_base_ms, backoff_factor, deadline_ms, ttl_ms, schedule_at, expires_at,
+    wait_for_idle, require_charging, depends_on, user_tag, parent_job_id, chain_group_id, env,
+    created_at, run_after, finished_at, error_kind, error_message
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+SQL_INSERT_DEP = "INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)"
+
+SQL_DEP_STATES = "SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
+
+SQL_GET = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+
+SQL_COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'RUNNING'"
+
+# The claim: one statement picks and takes the best ready job, so two claimers can
+# never take the same job and the rules below hold at the instant of the write.
+SQL_CLAIM_NEXT_JOB = f"""
+UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, started_at = :now,
+    runner_pid = NULL, runner_start_time = NULL, progress = NULL, progress_message = NULL
+WHERE seq = (
+    SELECT j.seq FROM jobs AS j INDEXED BY jobs_claim_order
+    JOIN queues AS q ON q.name = j.queue
+    WHERE j.{_moving(State.RUNNING, State.QUEUED)}
+      AND j.run_after <= :now
+      AND (j.expires_at IS NULL OR j.expires_at > :now)
+      AND q.paused = 0
+      AND (q.concurrency IS NULL OR q.concurrency > (
+            SELECT count(*) FROM jobs AS r
+            WHERE r.state = 'RUNNING' AND r.queue = j.queue))
+      AND (j.subject_key IS NULL OR (
+            NOT EXISTS (
+                SELECT 1 FROM jobs AS r
+                WHERE r.state = 'RUNNING' AND r.subject_key IS NOT NULL AND r.queue = j.queue
+                  AND r.job_type = j.job_type AND r.subject_key = j.subject_key)
+            AND j.generation = (
+                SELECT s.latest_generation FROM subjects AS s
+                WHERE s.queue = j.queue AND s.job_type = j.job_type
+                  AND s.subject_key = j.subject_key)))
+      AND NOT EXISTS (
+            SELECT 1 FROM job_deps AS d JOIN jobs AS p ON p.id = d.depends_on
+            WHERE d.job_id = j.id AND p.state <> 'DONE')
+      AND (:cpu_idle OR j.wait_for_idle = 0)
+      AND (:on_ac_power OR j.require_charging = 0)
+    ORDER BY j.priority DESC, j.seq
+    LIMIT 1)
+  AND (SELECT count(*) FROM jobs WHERE state = 'RUNNING') < :global_limit
+RETURNING {JOB_COLUMNS}
+"""
+
+SQL_RECORD_RUNNER = """
+UPDATE jobs SET runner_pid = ?, runner_start_time = ? WHERE id = ? AND state = 'RUNNING'
+"""
+
+SQL_SET_PROGRESS = """
+UPDATE jobs SET progress = ?, progress_message = ? WHERE id = ? AND state = 'RUNNING'
+"""
+
+SQL_NEWER_REQUEST_EXISTS = """
+SELECT EXISTS (
+    SELECT 1 FROM subjects
+    WHERE queue = :queue AND job_type = :job_type AND subject_key = :subject_key
+      AND latest_generation > :generation)
+    OR EXISTS (
+    SELECT 1 FROM jobs
+    WHERE state = 'QUEUED' AND queue = :queue AND job_type = :job_type
+      AND subject_key = :subject_key)
+"""
+
+SQL_FINISH = f"""
+UPDATE jobs SET state = :state, run_after = :run_after,
+    finished_at = CASE WHEN :state = 'QUEUED' THEN NULL ELSE :now END,
+    exit_code = :exit_code, error_kind = :error_kind, error_message = :error_message,
+    result_summary = :result_summary, artifacts = :artifacts,
+    runner_pid = NULL, runner_start_time = NULL
+WHERE id = :id AND {_moving(State.DONE, State.RUNNING)}
+RETURNING {JOB_COLUMNS}
+"""
+
+SQL_CANCEL_MATCHING = f"""
+UPDATE jobs SET state = 'CANCELLED', finished_at = :now, error_kind = 'cancelled',
+    error_message = :why
+WHERE {{column}} = :value AND {_moving_from_any(State.CANCELLED)}
+RETURNING id
+"""
+
+SQL_RUNNING_MATCHING = "SELECT id FROM jobs WHERE {column} = ? AND state = 'RUNNING'"
+
+# Everything that waits, directly or through others, on jobs that will never be DONE.
+SQL_CANCEL_DEPENDENTS = f"""
+WITH RECURSIVE doomed (id, cause) AS (
+    SELECT d.job_id, d.depends_on FROM job_deps AS d
+    WHERE d.depends_on IN (SELECT value FROM json_each(:ids))
+    UNION
+    SELECT d.job_id, doomed.id FROM job_deps AS d JOIN doomed ON d.depends_on = doomed.id
+)
+UPDATE jobs SET state = 'CANCELLED', finished_at = :now, error_kind = 'dependency_failed',
+    error_message = 'dependency ' || x.cause || ' ended ' || x.cause_state
+                    || ', so this job cannot run'
+FROM (
+    SELECT c.id AS id, c.cause AS cause,
+           CASE WHEN c.cause IN (SELECT value FROM json_each(:ids)) THEN p.state
+                ELSE 'CANCELLED' END AS cause_state
+    FROM (SELECT id, min(cause) AS cause FROM doomed GROUP BY id) AS c
+    LEFT JOIN jobs AS p ON p.id = c.cause
+) AS x
+WHERE jobs.id = x.id AND jobs.{_moving(State.CANCELLED, State.QUEUED)}
+RETURNING jobs.id
+"""
+
+SQL_EXPIRE_OVERDUE = f"""
+UPDATE jobs SET state = 'EXPIRED', finished_at = :now, error_kind = 'expired',
+    error_message = 'not started within ttl_ms of being enqueued'
+WHERE {_moving(State.EXPIRED, State.QUEUED)}
+  AND expires_at IS NOT NULL AND expires_at <= :now
+RETURNING id
+"""
+
+SQL_RUNNING_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'RUNNING' ORDER BY seq"
+
+SQL_QUEUES = """
+SELECT q.name, q.concurrency, q.paused,
+       (SELECT json_group_object(state, n) FROM
+            (SELECT state, count(*) AS n FROM jobs WHERE queue = q.name GROUP BY state))
+FROM queues AS q ORDER BY q.name
+"""
+
+SQL_SET_QUEUE_CONCURRENCY = "UPDATE queues SET concurrency = ? WHERE name = ?"
+SQL_SET_QUEUE_PAUSED = "UPDATE queues SET paused = ? WHERE name = ?"
+
+SQL_STATS = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
+
+
+def _new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _row_to_job(row: Sequence[Any]) -> Job:
+    (
+        id_, state, queue, job_type, subject_key, generation, payload, priority, mode,
+        max_attempts, backoff_base_ms, backoff_factor, deadline_ms, ttl_ms, schedule_at,
+        wait_for_idle, require_charging, depends_on, user_tag, parent_job_id, chain_group_id,
+        env, attempt, created_at, run_after, started_at, finished_at, runner_pid,
+        runner_start_time, exit_code, error_kind, error_message, result_summary, artifacts,
+        progress, progress_message,
+    ) = row  # fmt: skip
+    return Job(
+        id=id_,
+        state=State(state),
+        queue=queue,
+        job_type=job_type,
+        subject_key=subject_key,
+        generation=generation,
+        payload=_decode_payload(payload),
+        priority=priority,
+        execution_mode=domain.ExecutionMode(mode),
+        max_attempts=max_attempts,
+        backoff_base_ms=backoff_base_ms,
+        backoff_factor=backoff_factor,
+        deadline_ms=deadline_ms,
+        ttl_ms=ttl_ms,
+        schedule_at=schedule_at,
+        wait_for_idle=bool(wait_for_idle),
+        require_charging=bool(require_charging),
+        depends_on=_decode_str_list(depends_on),
+        user_tag=user_tag,
+        parent_job_id=parent_job_id,
+        chain_group_id=chain_group_id,
+        env=_decode_str_map(env),
+        attempt=attempt,
+        created_at=created_at,
+        run_after=run_after,
+        started_at=started_at,
+        finished_at=finished_at,
+        runner_pid=runner_pid,
+        runner_start_time=runner_start_time,
+        exit_code=exit_code,
+        error_kind=error_kind,
+        error_message=error_message,
+        result_summary=None if result_summary is None else _json_decode(result_summary),
+        artifacts=_decode_str_list(artifacts),
+        progress=progress,
+        progress_message=progress_message,
+    )
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """The job database. Use from one thread; every method is one transaction."""
+
+    def __init__(self, db: apsw.Connection, path: str) -> None:
+        self._db = db
+        self.path = path
+        self.env_allowlist = domain.DEFAULT_ENV_ALLOWLIST
+        self.migrated: tuple[int, int] = (0, 0)  # schema version (before, after) at open
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        env_allowlist: frozenset[str] = domain.DEFAULT_ENV_ALLOWLIST,
+    ) -> Store:
+        """Open (creating if needed) and migrate the database at `path`.
+
+        WAL journal, a busy timeout, foreign keys on, and `synchronous` as given
+        (FULL by default: an acknowledged enqueue survives a power cut).
+        """
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        path = os.fspath(path)
+        db = apsw.Connection(path)
+        try:
+            db.set_busy_timeout(BUSY_TIMEOUT_MS)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {synchronous}")
+            db.execute("PRAGMA foreign_keys = ON")
+            migrated = migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        store = cls(db, path)
+        store.env_allowlist = env_allowlist
+        store.migrated = migrated
+        return store
+
+    def close(self) -> None:
+        """Checkpoint-friendly close: optimise query plans, then release the file."""
+        self._db.execute("PRAGMA optimize")
+        self._db.close()
+
+    @property
+    def connection(self) -> apsw.Connection:
+        return self._db
+
+    def schema_version(self) -> int:
+        return _user_version(self._db)
+
+    # ----------------------------------------------------------------- enqueue
+
+    def enqueue(self, req: EnqueueRequest, *, now: int) -> EnqueueResult:
+        """Validate and store one job with every supersede rule of SPEC §3.
+
+        In one transaction: record the subject's generation (server-assigned latest+1
+        unless given), mark older QUEUED jobs of the key SUPERSEDED (and a RUNNING one
+        too with `supersede_running`), insert the job. A job whose explicit generation
+        is older than the latest is stored SUPERSEDED at once; the result says so.
+        """
+        payload = domain.validate_enqueue(req, env_allowlist=self.env_allowlist)
+        with self._writing():
+            return self._enqueue_one(req, payload, now)
+
+    def enqueue_batch(self, reqs: Sequence[EnqueueRequest], *, now: int) -> list[EnqueueResult]:
+        """Store many jobs in one transaction, in order: all or nothing.
+
+        A validation error names the job's index in the batch (`jobs[3].priority`).
+        """
+        payloads = []
+        for index, req in enumerate(reqs):
+            try:
+                payloads.append(domain.validate_enqueue(req, env_allowlist=self.env_allowlist))
+            except ValidationError as exc:
+                raise ValidationError(f"jobs[{index}].{exc.field}", exc.reason) from None
+        with self._writing():
+            return [
+                self._enqueue_one(req, payload, now)
+                for req, payload in zip(reqs, payloads, strict=True)
+            ]
+
+    def _enqueue_one(self, req: EnqueueRequest, payload: bytes, now: int) -> EnqueueResult:
+        db = self._db
+        db.execute(SQL_ENSURE_QUEUE, (req.queue, now))
+        job_id = _new_job_id()
+        state = State.QUEUED
+        generation = req.generation
+        superseded: list[str] = []
+        superseded_running: list[str] = []
+        error_kind = error_message = finished_at = None
+        if req.depends_on:
+            self._check_dependencies(req.depends_on)
+        if req.subject_key is not None:
+            key = (req.queue, req.job_type, req.subject_key)
+            if generation is None:
+                generation = db.execute(SQL_NEXT_GENERATION, key).fetchall()[0][0]
+            else:
+                latest = db.execute(SQL_RECORD_GENERATION, (*key, generation)).fetchall()[0][0]
+                if latest > generation:
+                    state, finished_at, error_kind = State.SUPERSEDED, now, "superseded"
+                    error_message = (
+                        f"arrived with generation {generation}, older than the latest "
+                        f"({latest}) for this subject"
+                    )
+            if state is State.QUEUED:
+                args = {
+                    "now": now,
+                    "by": job_id,
+                    "queue": req.queue,
+                    "job_type": req.job_type,
+                    "subject_key": req.subject_key,
+                }
+                superseded = [r[0] for r in db.execute(SQL_SUPERSEDE_OLDER_QUEUED, args)]
+                if req.supersede_running:
+                    superseded_running = [r[0] for r in db.execute(SQL_SUPERSEDE_RUNNING, args)]
+        run_after = req.schedule_at if req.schedule_at is not None else now
+        db.execute(
+            SQL_INSERT_JOB,
+            (
+                job_id, state.value, req.queue, req.job_type, req.subject_key, generation,
+                payload, req.priority, req.execution_mode.value, req.max_attempts,
+                req.backoff_base_ms, req.backoff_factor, req.deadline_ms, req.ttl_ms,
+                req.schedule_at, domain.expires_at(req, now), req.wait_for_idle,
+                req.require_charging, _json_encode(req.depends_on), req.user_tag,
+                req.parent_job_id, req.chain_group_id, _json_encode(req.env),
+                now, run_after, finished_at, error_kind, error_message,
+            ),
+        )  # fmt: skip
+        for dep in req.depends_on:
+            db.execute(SQL_INSERT_DEP, (job_id, dep))
+        cancelled_later = superseded + superseded_running
+        if state is State.SUPERSEDED:
+            cancelled_later.append(job_id)
+        if cancelled_later:
+            self._cancel_dependents(cancelled_later, now)
+        return EnqueueResult(
+            job=self._get(job_id),
+            superseded_on_arrival=state is State.SUPERSEDED,
+            superseded_ids=superseded,
+            superseded_running_ids=superseded_running,
+        )
+
+    def _check_dependencies(self, depends_on: list[str]) -> None:
+        states = dict(self._db.execute(SQL_DEP_STATES, (_json_encode(depends_on),)))
+        for dep in depends_on:
+            if dep not in states:
+                raise ValidationError("depends_on", f"no job {dep!r} exists to depend on")
+            state = State(states[dep])
+            if state in domain.TERMINAL_STATES and state is not State.DONE:
+                raise ValidationError(
+                    "depends_on",
+                    f"job {dep} already ended {state}, so a job depending on it could never run",
+                )
+
+    # ----------------------------------------------------------------- claim
+
+    def claim_next_job(self, *, now: int, global_limit: int, conditions: Conditions) -> Job | None:
+        """Atomically take the best ready job and mark it RUNNING, or return None.
+
+        Best: priority DESC, then enqueue order. Ready: time and backoff reached, not
+        expired, dependencies DONE, conditions met, queue not paused and under its
+        concurrency, no RUNNING job of the same key, newest generation of its key; and
+        fewer than `global_limit` jobs RUNNING in all.
+        """
+        args = {
+            "now": now,
+            "global_limit": global_limit,
+            "cpu_idle": conditions.cpu_idle,
+            "on_ac_power": conditions.on_ac_power,
+        }
+        with self._writing():
+            rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()
+        return _row_to_job(rows[0]) if rows else None
+
+    def record_runner(self, job_id: str, pid: int, start_time: float) -> None:
+        """Remember which process runs a RUNNING job (PID + start time tell PID reuse)."""
+        with self._writing():
+            self._db.execute(SQL_RECORD_RUNNER, (pid, start_time, job_id))
+            if self._db.changes() != 1:
+                raise self._illegal(job_id, State.RUNNING)
+
+    def set_progress(self, job_id: str, fraction: float, message: str | None) -> None:
+        """Store a running job's progress (0.0-1.0) and message; ignored once it ended."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValidationError("progress", f"must be between 0.0 and 1.0, got {fraction}")
+        with self._writing():
+            self._db.execute(SQL_SET_PROGRESS, (fraction, message, job_id))
+
+    # ----------------------------------------------------------------- finish
+
+    def finish(self, job_id: str, outcome: Outcome, *, now: int, rng: random.Random) -> Job:
+        """Record how a RUNNING job's attempt ended: DONE, retry later, FAILED or SUPERSEDED.
+
+        A job that was cancelled or superseded while it ran keeps that final state:
+        the attempt's outcome is no longer wanted and is dropped.
+        """
+        with self._writing():
+            job = self._get(job_id)
+            if job.is_terminal:
+                return job
+            newer = False
+            if job.subject_key is not None:
+                newer = bool(
+                    self._db.execute(
+                        SQL_NEWER_REQUEST_EXISTS,
+                        {
+                            "queue": job.queue,
+                            "job_type": job.job_type,
+                            "subject_key": job.subject_key,
+                            "generation": job.generation,
+                        },
+                    ).fetchall()[0][0]
+                )
+            state, run_after = domain.state_after_attempt(
+                job, outcome, newer_request_exists=newer, now_ms=now, rng=rng
+            )
+            domain.check_transition(job.state, state, job_id)
+            error_message = outcome.error_message
+            if state is State.SUPERSEDED:
+                error_message = (
+                    f"{error_message}; not retried: a newer request for its subject exists"
+                )
+            rows = self._db.execute(
+                SQL_FINISH,
+                {
+                    "id": job_id,
+                    "state": state.value,
+                    "run_after": run_after,
+                    "now": now,
+                    "exit_code": outcome.exit_code,
+                    "error_kind": outcome.error_kind,
+                    "error_message": error_message,
+                    "result_summary": None
+                    if outcome.result_summary is None
+                    else _json_encode(outcome.result_summary),
+                    "artifacts": _json_encode(outcome.artifacts),
+                },
+            ).fetchall()
+            if state in (State.FAILED, State.SUPERSEDED):
+                self._cancel_dependents([job_id], now)
+            return _row_to_job(rows[0])
+
+    # ----------------------------------------------------------------- cancel
+
+    def cancel(
+        self,
+        *,
+        job_id: str | None = None,
+        tag: str | None = None,
+        chain: str | None = None,
+        now: int,
+    ) -> CancelResult:
+        """Cancel one job by id, or every unfinished job with a tag or in a chain.
+
+        By id, a job already in a final state is an IllegalTransition. Jobs that were
+        RUNNING are listed in `was_running`: the caller stops their processes. Jobs
+        waiting on a cancelled job are cancelled too (`dependents_cancelled`).
+        """
+        if sum(x is not None for x in (job_id, tag, chain)) != 1:
+            raise ValidationError("id", "give exactly one of id, tag or chain")
+        if job_id is not None:
+            column, value, why = "id", job_id, "cancelled by request"
+        elif tag is not None:
+            column, value, why = "user_tag", tag, f"cancelled by request (tag {tag})"
+        else:
+            column, value, why = "chain_group_id", chain, f"cancelled by request (chain {chain})"
+        with self._writing():
+            if job_id is not None:
+                job = self._get(job_id)
+                domain.check_transition(job.state, State.CANCELLED, job_id)
+            was_running = [
+                r[0] for r in self._db.execute(SQL_RUNNING_MATCHING.format(column=column), (value,))
+            ]
+            cancelled = [
+                r[0]
+                for r in self._db.execute(
+                    SQL_CANCEL_MATCHING.format(column=column),
+                    {"value": value, "now": now, "why": why},
+                )
+            ]
+            dependents = self._cancel_dependents(cancelled, now) if cancelled else []
+        return CancelResult(
+            cancelled=cancelled, was_running=was_running, dependents_cancelled=dependents
+        )
+
+    def _cancel_dependents(self, ids: list[str], now: int) -> list[str]:
+        rows = self._db.execute(SQL_CANCEL_DEPENDENTS, {"ids": _json_encode(ids), "now": now})
+        return [r[0] for r in rows]
+
+    def expire_overdue(self, *, now: int) -> list[str]:
+        """Mark QUEUED jobs whose ttl has passed EXPIRED; return their ids."""
+        with self._writing():
+            expired = [r[0] for r in self._db.execute(SQL_EXPIRE_OVERDUE, {"now": now})]
+            if expired:
+                self._cancel_dependents(expired, now)
+        return expired
+
+    # ----------------------------------------------------------------- queues
+
+    def configure_queue(self, name: str, *, concurrency: int | None, now: int) -> QueueInfo:
+        """Set a queue's own concurrency limit (None: only the global limit applies)."""
+        domain.check_name("queue", name)
+        if concurrency is not None:
+            domain._check_int("concurrency", concurrency, 1, 1_000_000)
+        with self._writing():
+            self._db.execute(SQL_ENSURE_QUEUE, (name, now))
+            self._db.execute(
+                "UPDATE queues SET concurrency = ? WHERE name = ?", (concurrency, name)
+            )
+        return self.queue(name)
+
+    def set_queue_paused(self, name: str, paused: bool, *, now: int) -> QueueInfo:
+        """Pause (no new claims; running jobs finish) or resume a queue."""
+        domain.check_name("queue", name)
+        with self._writing():
+            self._db.execute(SQL_ENSURE_QUEUE, (name, now))
+            self._db.execute(SQL_SET_QUEUE_PAUSED, (int(paused), name))
+        return self.queue(name)
+
+    def queues(self) -> list[QueueInfo]:
+        """Every queue with its limit, paused flag and job counts by state."""
+        return [
+            QueueInfo(
+                name=name,
+                concurrency=concurrency,
+                paused=bool(paused),
+                counts=_json_decode(counts) if counts else {},
+            )
+            for name, concurrency, paused, counts in self._db.execute(SQL_QUEUES)
+        ]
+
+    def queue(self, name: str) -> QueueInfo:
+        for info in self.queues():
+            if info.name == name:
+                return info
+        raise NotFound("queue", name)
+
+    # ----------------------------------------------------------------- reads
+
+    def get(self, job_id: str) -> Job:
+        """The job with this id; NotFound if there is none."""
+        return self._get(job_id)
+
+    def _get(self, job_id: str) -> Job:
+        rows = self._db.execute(SQL_GET, (job_id,)).fetchall()
+        if not rows:
+            raise NotFound("job", job_id)
+        return _row_to_job(rows[0])
+
+    def list(
+        self, filters: JobFilter | None = None, *, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """Jobs matching every given filter, newest first, `limit` at a time.
+
+        Pass the returned cursor back to get the next page; None means no more.
+        """
+        filters = filters or JobFilter()
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            raise ValidationError("limit", f"must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
+        where, args = [], []
+        for column, value in (
+            ("state", filters.state.value if filters.state else None),
+            ("queue", filters.queue),
+            ("job_type", filters.job_type),
+            ("user_tag", filters.tag),
+            ("chain_group_id", filters.chain),
+            ("subject_key", filters.subject),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if cursor is not None:
+            if not cursor.isdigit():
+                raise ValidationError("cursor", "is not a cursor this server returned")
+            where.append("seq < ?")
+            args.append(int(cursor))
+        sql = f"SELECT seq, {JOB_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
+        jobs = [_row_to_job(row[1:]) for row in rows[:limit]]
+        next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
+        return jobs, next_cursor
+
+    def running_jobs(self) -> list[Job]:
+        """Every RUNNING job with its runner PID and start time, for crash recovery."""
+        return [_row_to_job(row) for row in self._db.execute(SQL_RUNNING_JOBS)]
+
+    def count_running(self) -> int:
+        return self._db.execute(SQL_COUNT_RUNNING).fetchall()[0][0]
+
+    def stats(self) -> Stats:
+        """Job counts by state and by queue, jobs running, and the database's size."""
+        by_state: dict[str, int] = {s.value: 0 for s in State}
+        by_queue: dict[str, dict[str, int]] = {}
+        for queue, state, count in self._db.execute(SQL_STATS):
+            by_state[state] += count
+            by_queue.setdefault(queue, {})[state] = count
+        page_count = self._db.execute("PRAGMA page_count").fetchall()[0][0]
+        page_size = self._db.execute("PRAGMA page_size").fetchall()[0][0]
+        return Stats(
+            by_state=by_state,
+            by_queue=by_queue,
+            running=by_state[State.RUNNING.value],
+            db_size_bytes=page_count * page_size,
+        )
+
+    # ----------------------------------------------------------------- helpers
+
+    def _illegal(self, job_id: str, target: State) -> IllegalTransition:
+        return IllegalTransition(self._get(job_id).state, target, job_id)
+
+    def _writing(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """`with db:` that turns storage failures into StorageUnavailable (SPEC error 5003)."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: apsw.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.__enter__()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._db.__exit__(exc_type, exc, tb)
+        except (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CantOpenError) as err:
+            raise StorageUnavailable(_storage_advice(err)) from err
+        if isinstance(exc, apsw.FullError | apsw.ReadOnlyError | apsw.IOError | apsw.CantOpenError):
+            raise StorageUnavailable(_storage_advice(exc)) from exc
+        return False
+
+
+def _storage_advice(err: BaseException) -> str:
+    if isinstance(err, apsw.FullError):
+        return (
+            "the disk holding the database is full: free space there; Semantica resumes by itself"
+        )
+    if isinstance(err, apsw.ReadOnlyError):
+        return "the database file is read-only: check its permissions and the filesystem mount"
+    return f"the database cannot be written ({err}): check the disk and its free space"

@@ -258,6 +258,10 @@ def validate_enqueue(
         if req.subject_key is None:
             raise ValidationError("generation", "only makes sense with a subject_key")
     _check_int("priority", req.priority, PRIORITY_MIN, PRIORITY_MAX)
+    if req.execution_mode not in ExecutionMode.__members__:
+        raise ValidationError(
+            "execution_mode", f"must be SUBPROCESS or WARM, got {req.execution_mode!r}"
+        )
     _check_int("max_attempts", req.max_attempts, 1, MAX_ATTEMPTS_MAX)
     _check_int("backoff_base_ms", req.backoff_base_ms, 0, BACKOFF_BASE_MAX_MS)
     factor = req.backoff_factor

@@ -549,7 +549,7 @@ class Store:
             SQL_INSERT_JOB,
             (
                 job_id, state.value, req.queue, req.job_type, req.subject_key, generation,
-                payload, req.priority, req.execution_mode.value, req.max_attempts,
+                payload, req.priority, str(req.execution_mode), req.max_attempts,
                 req.backoff_base_ms, req.backoff_factor, req.deadline_ms, req.ttl_ms,
                 req.schedule_at, domain.expires_at(req, now), req.wait_for_idle,
                 req.require_charging, _json_encode(req.depends_on), req.user_tag,

@@ -1,0 +1,527 @@
+"""The store on real SQLite files: supersede, claim, finish, cancel, expiry, reads."""
+
+from __future__ import annotations
+
+import apsw
+import pytest
+from conftest import ALL_MET, snapshot
+
+from semantica import domain
+from semantica.domain import EnqueueRequest, IllegalTransition, Outcome, State, ValidationError
+from semantica.store import Conditions, JobFilter, NotFound, Store
+
+NOW = 1_000_000
+
+
+def enqueue(store, now=NOW, **fields):
+    fields.setdefault("job_type", "noop")
+    return store.enqueue(EnqueueRequest(**fields), now=now)
+
+
+def claim(store, now=NOW, limit=100, conditions=ALL_MET):
+    return store.claim_next_job(now=now, global_limit=limit, conditions=conditions)
+
+
+def fail(error_kind="exception", **fields):
+    return Outcome(error_kind=error_kind, error_message="it broke", **fields)
+
+
+# --------------------------------------------------------------------------- open
+
+
+def test_open_sets_wal_foreign_keys_and_synchronous(tmp_path):
+    s = Store.open(tmp_path / "a.db", synchronous="normal")
+    db = s.connection
+    assert db.execute("PRAGMA journal_mode").fetchall()[0][0] == "wal"
+    assert db.execute("PRAGMA foreign_keys").fetchall()[0][0] == 1
+    assert db.execute("PRAGMA synchronous").fetchall()[0][0] == 1  # NORMAL
+    s.close()
+    s = Store.open(tmp_path / "a.db")
+    assert s.connection.execute("PRAGMA synchronous").fetchall()[0][0] == 2  # FULL by default
+    s.close()
+
+
+def test_unknown_synchronous_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="synchronous must be one of"):
+        Store.open(tmp_path / "a.db", synchronous="sometimes")
+
+
+def test_acknowledged_jobs_survive_reopen(tmp_path):
+    s = Store.open(tmp_path / "a.db")
+    ids = [enqueue(s, subject_key=f"k{i}").job.id for i in range(5)]
+    s.close()
+    s = Store.open(tmp_path / "a.db")
+    assert [s.get(i).state for i in ids] == [State.QUEUED] * 5
+    s.close()
+
+
+# --------------------------------------------------------------------------- enqueue
+
+
+def test_enqueue_returns_the_stored_job_with_every_field(store):
+    job = enqueue(
+        store,
+        queue="build",
+        subject_key="src/main.rs",
+        payload={"path": "src/main.rs"},
+        priority=5,
+        max_attempts=4,
+        ttl_ms=500,
+        schedule_at=NOW + 10,
+        wait_for_idle=True,
+        user_tag="agent-1",
+        parent_job_id="p",
+        chain_group_id="c",
+        env={"LANG": "C"},
+        execution_mode="WARM",
+    ).job
+    assert store.get(job.id) == job
+    assert job.state is State.QUEUED
+    assert (job.queue, job.subject_key, job.generation, job.priority) == (
+        "build",
+        "src/main.rs",
+        1,
+        5,
+    )
+    assert job.payload == {"path": "src/main.rs"}
+    assert job.execution_mode is domain.ExecutionMode.WARM
+    assert (job.created_at, job.run_after, job.schedule_at) == (NOW, NOW + 10, NOW + 10)
+    assert (job.user_tag, job.parent_job_id, job.chain_group_id) == ("agent-1", "p", "c")
+    assert job.env == {"LANG": "C"} and job.wait_for_idle and not job.require_charging
+    assert job.attempt == 0 and job.finished_at is None
+
+
+def test_three_enqueues_of_one_subject_collapse_to_one_queued_job(store):
+    a = enqueue(store, subject_key="src/main.rs").job
+    b = enqueue(store, subject_key="src/main.rs")
+    c = enqueue(store, subject_key="src/main.rs")
+    assert b.superseded_ids == [a.id] and c.superseded_ids == [b.job.id]
+    assert [store.get(x).state for x in (a.id, b.job.id, c.job.id)] == [
+        State.SUPERSEDED,
+        State.SUPERSEDED,
+        State.QUEUED,
+    ]
+    assert [a.generation, b.job.generation, c.job.generation] == [1, 2, 3]
+    assert store.get(a.id).error_kind == "superseded"
+    assert b.job.id in store.get(a.id).error_message
+
+
+def test_supersede_is_per_queue_job_type_and_subject(store):
+    a = enqueue(store, subject_key="k").job
+    enqueue(store, subject_key="k", queue="other")
+    enqueue(store, subject_key="k", job_type="sleep")
+    enqueue(store, subject_key="other")
+    enqueue(store)  # keyless jobs never supersede anything
+    assert store.get(a.id).state is State.QUEUED
+    assert store.stats().by_state["QUEUED"] == 5
+
+
+def test_out_of_order_generation_is_superseded_on_arrival(store):
+    new = enqueue(store, subject_key="k", generation=7).job
+    old = enqueue(store, subject_key="k", generation=5)
+    assert old.superseded_on_arrival
+    assert old.job.state is State.SUPERSEDED and old.job.finished_at == NOW
+    assert "older than the latest (7)" in old.job.error_message
+    assert store.get(new.id).state is State.QUEUED
+    # The server-assigned generation continues after the highest seen.
+    assert enqueue(store, subject_key="k").job.generation == 8
+
+
+def test_newer_explicit_generation_supersedes_queued(store):
+    a = enqueue(store, subject_key="k", generation=1).job
+    b = enqueue(store, subject_key="k", generation=2)
+    assert not b.superseded_on_arrival and b.superseded_ids == [a.id]
+
+
+def test_newer_generation_waits_while_older_runs(store, rng):
+    old = enqueue(store, subject_key="k").job
+    assert claim(store).id == old.id
+    new = enqueue(store, subject_key="k").job
+    assert store.get(old.id).state is State.RUNNING
+    assert claim(store) is None  # one at a time per key
+    store.finish(old.id, Outcome(), now=NOW, rng=rng)
+    assert claim(store).id == new.id
+
+
+def test_supersede_running_marks_the_running_job_superseded(store, rng):
+    old = enqueue(store, subject_key="k").job
+    claim(store)
+    result = enqueue(store, subject_key="k", supersede_running=True)
+    assert result.superseded_running_ids == [old.id]
+    assert store.get(old.id).state is State.SUPERSEDED
+    # The killed runner's late report does not resurrect it.
+    assert store.finish(old.id, fail("signal"), now=NOW, rng=rng).state is State.SUPERSEDED
+    assert claim(store).id == result.job.id
+
+
+def test_enqueue_batch_is_in_order(store):
+    results = store.enqueue_batch(
+        [EnqueueRequest(job_type="noop", subject_key=f"k{i % 2}") for i in range(4)], now=NOW
+    )
+    assert [r.job.generation for r in results] == [1, 1, 2, 2]
+    assert results[2].superseded_ids == [results[0].job.id]
+
+
+def test_enqueue_batch_is_all_or_nothing(store):
+    enqueue(store, subject_key="seed")
+    before = snapshot(store)
+    batch = [
+        EnqueueRequest(job_type="noop", subject_key="seed"),
+        EnqueueRequest(job_type="noop", depends_on=["no-such-job"]),
+    ]
+    with pytest.raises(ValidationError, match="no job 'no-such-job'"):
+        store.enqueue_batch(batch, now=NOW)
+    assert snapshot(store) == before
+
+
+def test_enqueue_batch_names_the_bad_job(store):
+    batch = [EnqueueRequest(job_type="noop"), EnqueueRequest(job_type="noop", priority=5000)]
+    with pytest.raises(ValidationError) as info:
+        store.enqueue_batch(batch, now=NOW)
+    assert info.value.field == "jobs[1].priority"
+
+
+BAD_REQUESTS = [
+    {"subject_key": "nul\x00inside"},
+    {"payload": {"x": "y" * (10 * 1024 * 1024)}},
+    {"queue": "bad queue!"},
+    {"job_type": "../etc"},
+    {"priority": 1001},
+    {"env": {"AWS_SECRET_ACCESS_KEY": "x"}},
+    {"depends_on": ["missing"]},
+]
+
+
+@pytest.mark.parametrize("fields", BAD_REQUESTS)
+def test_bad_input_is_rejected_and_changes_nothing(store, fields):
+    enqueue(store, subject_key="existing")
+    before = snapshot(store)
+    with pytest.raises(ValidationError):
+        enqueue(store, **fields)
+    assert snapshot(store) == before
+
+
+def test_depending_on_a_failed_job_is_refused(store, rng):
+    dep = enqueue(store, max_attempts=1).job
+    claim(store)
+    store.finish(dep.id, fail(), now=NOW, rng=rng)
+    with pytest.raises(ValidationError, match="already ended FAILED"):
+        enqueue(store, depends_on=[dep.id])
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+def test_schema_forbids_two_queued_jobs_of_one_key(store):
+    job = enqueue(store, subject_key="k").job
+    with pytest.raises(apsw.ConstraintError):
+        store.connection.execute(
+            "INSERT INTO jobs (id, state, queue, job_type, subject_key, generation, payload, "
+            "priority, execution_mode, max_attempts, backoff_base_ms, backoff_factor, "
+            "deadline_ms, wait_for_idle, require_charging, created_at, run_after) "
+            "SELECT 'x', state, queue, job_type, subject_key, generation + 1, payload, "
+            "priority, execution_mode, max_attempts, backoff_base_ms, backoff_factor, "
+            "deadline_ms, wait_for_idle, require_charging, created_at, run_after "
+            "FROM jobs WHERE id = ?",
+            (job.id,),
+        )
+
+
+def test_schema_forbids_two_running_jobs_of_one_key(store):
+    a = enqueue(store, subject_key="k").job
+    claim(store)
+    b = enqueue(store, subject_key="k").job
+    with pytest.raises(apsw.ConstraintError):
+        store.connection.execute("UPDATE jobs SET state = 'RUNNING' WHERE id = ?", (b.id,))
+    assert store.get(a.id).state is State.RUNNING
+
+
+def test_schema_keeps_terminal_states_final(store):
+    job = enqueue(store).job
+    store.cancel(job_id=job.id, now=NOW)
+    with pytest.raises(apsw.ConstraintError, match="terminal"):
+        store.connection.execute("UPDATE jobs SET state = 'QUEUED' WHERE id = ?", (job.id,))
+
+
+# --------------------------------------------------------------------------- claim
+
+
+def test_claim_order_is_priority_then_fifo(store):
+    low = enqueue(store, priority=-5).job
+    first = enqueue(store, priority=10).job
+    second = enqueue(store, priority=10).job
+    mid = enqueue(store).job
+    order = [claim(store).id for _ in range(4)]
+    assert order == [first.id, second.id, mid.id, low.id]
+    assert claim(store) is None
+
+
+def test_claim_marks_running_and_counts_the_attempt(store):
+    enqueue(store)
+    job = claim(store, now=NOW + 5)
+    assert job.state is State.RUNNING and job.attempt == 1 and job.started_at == NOW + 5
+    assert store.get(job.id) == job
+
+
+def test_claim_waits_for_schedule_at(store):
+    job = enqueue(store, schedule_at=NOW + 100).job
+    assert claim(store, now=NOW + 99) is None
+    assert claim(store, now=NOW + 100).id == job.id
+
+
+def test_claim_skips_expired_and_expire_overdue_marks_them(store):
+    job = enqueue(store, ttl_ms=50).job
+    assert claim(store, now=NOW + 50) is None
+    assert store.expire_overdue(now=NOW + 49) == []
+    assert store.expire_overdue(now=NOW + 50) == [job.id]
+    assert store.get(job.id).state is State.EXPIRED
+
+
+def test_claim_respects_the_global_limit(store):
+    for _ in range(3):
+        enqueue(store)
+    assert claim(store, limit=2) and claim(store, limit=2)
+    assert claim(store, limit=2) is None
+    assert store.count_running() == 2
+
+
+def test_claim_respects_queue_concurrency_and_pause(store):
+    store.configure_queue("q", concurrency=1, now=NOW)
+    a = enqueue(store, queue="q").job
+    enqueue(store, queue="q")
+    other = enqueue(store, queue="other").job
+    assert claim(store).id == a.id
+    assert claim(store).id == other.id  # q is full, other is not
+    assert claim(store) is None
+    store.configure_queue("q", concurrency=None, now=NOW)
+    store.set_queue_paused("q", True, now=NOW)
+    assert claim(store) is None
+    store.set_queue_paused("q", False, now=NOW)
+    assert claim(store) is not None
+    info = store.queue("q")
+    assert info.concurrency is None and not info.paused and info.counts == {"RUNNING": 2}
+
+
+def test_claim_checks_conditions(store):
+    idle = enqueue(store, wait_for_idle=True).job
+    ac = enqueue(store, require_charging=True).job
+    busy_on_battery = Conditions(cpu_idle=False, on_ac_power=False)
+    assert claim(store, conditions=busy_on_battery) is None
+    assert claim(store, conditions=Conditions(cpu_idle=False, on_ac_power=True)).id == ac.id
+    assert claim(store, conditions=Conditions(cpu_idle=True, on_ac_power=False)).id == idle.id
+
+
+def test_claim_waits_for_dependencies(store, rng):
+    dep = enqueue(store, priority=-1).job
+    child = enqueue(store, priority=5, depends_on=[dep.id]).job
+    assert claim(store).id == dep.id
+    assert claim(store) is None
+    store.finish(dep.id, Outcome(), now=NOW, rng=rng)
+    assert claim(store).id == child.id
+
+
+def test_claim_never_takes_an_older_generation(store):
+    enqueue(store, subject_key="k", generation=3)
+    enqueue(store, subject_key="k", generation=2)  # superseded on arrival
+    assert claim(store).generation == 3
+
+
+# --------------------------------------------------------------------------- finish
+
+
+def test_finish_success_stores_the_result(store, rng):
+    job = enqueue(store).job
+    claim(store)
+    done = store.finish(
+        job.id, Outcome(result_summary={"lines": 3}, artifacts=["a.txt"]), now=NOW + 7, rng=rng
+    )
+    assert done.state is State.DONE and done.finished_at == NOW + 7
+    assert done.result_summary == {"lines": 3} and done.artifacts == ["a.txt"]
+
+
+def test_failed_attempts_retry_with_backoff_then_fail(store, rng):
+    job = enqueue(store, max_attempts=2, backoff_base_ms=1000).job
+    claim(store)
+    retried = store.finish(job.id, fail(exit_code=2, error_kind="exit"), now=NOW, rng=rng)
+    assert retried.state is State.QUEUED and retried.finished_at is None
+    assert NOW + 750 <= retried.run_after <= NOW + 1250
+    assert (retried.error_kind, retried.exit_code) == ("exit", 2)
+    assert claim(store, now=retried.run_after - 1) is None
+    assert claim(store, now=retried.run_after).attempt == 2
+    final = store.finish(job.id, fail(), now=NOW + 2000, rng=rng)
+    assert final.state is State.FAILED and final.attempt == 2
+
+
+def test_permanent_error_fails_at_once(store, rng):
+    job = enqueue(store, max_attempts=5).job
+    claim(store)
+    assert store.finish(job.id, fail(permanent=True), now=NOW, rng=rng).state is State.FAILED
+
+
+def test_retry_after_sets_the_delay(store, rng):
+    job = enqueue(store).job
+    claim(store)
+    assert store.finish(job.id, fail(retry_after_ms=5), now=NOW, rng=rng).run_after == NOW + 5
+
+
+def test_failure_with_newer_generation_ends_superseded(store, rng):
+    old = enqueue(store, subject_key="k").job
+    claim(store)
+    new = enqueue(store, subject_key="k").job
+    ended = store.finish(old.id, fail(), now=NOW, rng=rng)
+    assert ended.state is State.SUPERSEDED and "newer request" in ended.error_message
+    assert claim(store).id == new.id
+
+
+def test_finish_of_a_queued_job_is_illegal(store, rng):
+    job = enqueue(store).job
+    with pytest.raises(IllegalTransition):
+        store.finish(job.id, Outcome(), now=NOW, rng=rng)
+
+
+def test_finish_of_unknown_job_is_not_found(store, rng):
+    with pytest.raises(NotFound, match="no job 'nope'"):
+        store.finish("nope", Outcome(), now=NOW, rng=rng)
+
+
+def test_record_runner_and_running_jobs(store):
+    job = enqueue(store).job
+    claim(store)
+    store.record_runner(job.id, 4242, 1234.5)
+    [running] = store.running_jobs()
+    assert (running.id, running.runner_pid, running.runner_start_time) == (job.id, 4242, 1234.5)
+    queued = enqueue(store).job
+    with pytest.raises(IllegalTransition):
+        store.record_runner(queued.id, 1, 1.0)
+
+
+def test_progress_is_stored_while_running(store):
+    job = enqueue(store).job
+    claim(store)
+    store.set_progress(job.id, 0.5, "half way")
+    got = store.get(job.id)
+    assert (got.progress, got.progress_message) == (0.5, "half way")
+    with pytest.raises(ValidationError, match="progress"):
+        store.set_progress(job.id, 1.5, None)
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_by_id(store):
+    job = enqueue(store).job
+    result = store.cancel(job_id=job.id, now=NOW)
+    assert result.cancelled == [job.id] and result.was_running == []
+    got = store.get(job.id)
+    assert got.state is State.CANCELLED and got.error_kind == "cancelled"
+
+
+def test_cancel_of_finished_job_is_illegal_and_changes_nothing(store):
+    job = enqueue(store).job
+    store.cancel(job_id=job.id, now=NOW)
+    before = snapshot(store)
+    with pytest.raises(IllegalTransition, match="CANCELLED is final"):
+        store.cancel(job_id=job.id, now=NOW)
+    assert snapshot(store) == before
+
+
+def test_cancel_by_tag_reports_running_jobs(store):
+    a = enqueue(store, user_tag="t", priority=1).job
+    b = enqueue(store, user_tag="t").job
+    untouched = enqueue(store, user_tag="u").job
+    claim(store)
+    result = store.cancel(tag="t", now=NOW)
+    assert sorted(result.cancelled) == sorted([a.id, b.id])
+    assert result.was_running == [a.id]
+    assert store.get(untouched.id).state is State.QUEUED
+
+
+def test_cancel_by_chain(store):
+    ids = [enqueue(store, chain_group_id="c1").job.id for _ in range(3)]
+    enqueue(store, chain_group_id="c2")
+    assert sorted(store.cancel(chain="c1", now=NOW).cancelled) == sorted(ids)
+
+
+def test_cancel_needs_exactly_one_selector(store):
+    with pytest.raises(ValidationError, match="exactly one"):
+        store.cancel(tag="a", chain="b", now=NOW)
+
+
+def test_failure_cancels_dependents_transitively(store, rng):
+    a = enqueue(store, max_attempts=1).job
+    b = enqueue(store, depends_on=[a.id]).job
+    c = enqueue(store, depends_on=[b.id]).job
+    claim(store)
+    store.finish(a.id, fail(), now=NOW, rng=rng)
+    got_b, got_c = store.get(b.id), store.get(c.id)
+    assert (got_b.state, got_b.error_kind) == (State.CANCELLED, "dependency_failed")
+    assert a.id in got_b.error_message and "FAILED" in got_b.error_message
+    assert (got_c.state, got_c.error_kind) == (State.CANCELLED, "dependency_failed")
+    assert b.id in got_c.error_message
+
+
+def test_cancel_reports_cancelled_dependents(store):
+    a = enqueue(store).job
+    b = enqueue(store, depends_on=[a.id]).job
+    assert store.cancel(job_id=a.id, now=NOW).dependents_cancelled == [b.id]
+
+
+def test_supersede_cancels_dependents_of_the_superseded_job(store):
+    a = enqueue(store, subject_key="k").job
+    b = enqueue(store, depends_on=[a.id]).job
+    enqueue(store, subject_key="k")
+    assert store.get(b.id).state is State.CANCELLED
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def test_get_unknown_is_not_found(store):
+    with pytest.raises(NotFound):
+        store.get("missing")
+
+
+def test_list_filters(store):
+    enqueue(store, queue="a", user_tag="t1", subject_key="x")
+    enqueue(store, queue="a", job_type="sleep", chain_group_id="c")
+    enqueue(store, queue="b", user_tag="t1")
+
+    def ids(**f):
+        return len(store.list(JobFilter(**f))[0])
+
+    assert ids() == 3
+    assert ids(queue="a") == 2
+    assert ids(job_type="sleep") == 1
+    assert ids(tag="t1") == 2
+    assert ids(chain="c") == 1
+    assert ids(subject="x") == 1
+    assert ids(state=State.QUEUED, queue="b") == 1
+    assert ids(state=State.DONE) == 0
+
+
+def test_list_pages_newest_first_with_a_cursor(store):
+    made = [enqueue(store).job.id for _ in range(7)]
+    seen, cursor = [], None
+    while True:
+        page, cursor = store.list(limit=3, cursor=cursor)
+        seen += [j.id for j in page]
+        if cursor is None:
+            break
+    assert seen == made[::-1]
+
+
+@pytest.mark.parametrize(("limit", "cursor"), [(0, None), (1001, None), (5, "abc")])
+def test_list_rejects_bad_paging(store, limit, cursor):
+    with pytest.raises(ValidationError):
+        store.list(limit=limit, cursor=cursor)
+
+
+def test_stats_counts_by_state_and_queue(store):
+    enqueue(store, queue="a")
+    enqueue(store, queue="b")
+    claim(store)
+    stats = store.stats()
+    assert stats.by_state["QUEUED"] == 1 and stats.by_state["RUNNING"] == 1
+    assert stats.running == 1
+    assert sum(sum(q.values()) for q in stats.by_queue.values()) == 2
+    assert stats.db_size_bytes > 0

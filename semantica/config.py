@@ -23,6 +23,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     db_path: Path
     socket_path: Path
     rpc_port: int = 9527
+    rpc_host: str = "127.0.0.1"
     log_format: str = "pretty"
     log_level: str = "info"
     workers: int = 1
@@ -30,6 +31,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     max_db_size_mb: int = 1000
     synchronous: str = "FULL"
     env_allowlist: frozenset[str] = DEFAULT_ENV_ALLOWLIST
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_connections: int = 512
+    idle_timeout_s: float = 300.0
+    request_timeout_s: float = 30.0
+    rate_per_s: float = 20_000.0
+    rate_burst: float = 5_000.0
 
     @property
     def logs_dir(self) -> Path:
@@ -84,13 +91,17 @@ def load(
         if not ENV_NAME_PATTERN.fullmatch(name):
             raise ConfigError(f"SEMANTICA_ENV_ALLOWLIST: {name!r} is not a variable name")
         allowlist.add(name)
-    retention = get("SEMANTICA_RETENTION_DAYS", "7")
-    try:
-        retention_days = float(retention)
-    except ValueError:
-        raise ConfigError(f"SEMANTICA_RETENTION_DAYS={retention!r} is not a number") from None
-    if not 0 <= retention_days <= 36500:
-        raise ConfigError("SEMANTICA_RETENTION_DAYS must be between 0 and 36500")
+
+    def number(name: str, default: str, low: float, high: float) -> float:
+        raw = get(name, default)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={raw} is out of range: use {low:g}..{high:g}")
+        return value
+
     return Config(
         home=home,
         db_path=Path(get("SEMANTICA_DB_PATH", str(home / "meta.db"))).expanduser().absolute(),
@@ -105,7 +116,8 @@ def load(
         workers=_int(
             "SEMANTICA_WORKERS", get("SEMANTICA_WORKERS", str(os.cpu_count() or 1)), 1, 4096
         ),
-        retention_days=retention_days,
+        rpc_host=get("SEMANTICA_RPC_HOST", "127.0.0.1"),
+        retention_days=number("SEMANTICA_RETENTION_DAYS", "7", 0, 36500),
         max_db_size_mb=_int(
             "SEMANTICA_MAX_DB_SIZE_MB", get("SEMANTICA_MAX_DB_SIZE_MB", "1000"), 1, 10**7
         ),
@@ -115,4 +127,17 @@ def load(
             ("normal", "full", "extra"),
         ).upper(),
         env_allowlist=frozenset(allowlist),
+        max_message_bytes=_int(
+            "SEMANTICA_MAX_MESSAGE_BYTES",
+            get("SEMANTICA_MAX_MESSAGE_BYTES", str(16 * 2**20)),
+            1024,
+            2**31,
+        ),
+        max_connections=_int(
+            "SEMANTICA_MAX_CONNECTIONS", get("SEMANTICA_MAX_CONNECTIONS", "512"), 1, 100_000
+        ),
+        idle_timeout_s=number("SEMANTICA_IDLE_TIMEOUT_S", "300", 0.01, 86400),
+        request_timeout_s=number("SEMANTICA_REQUEST_TIMEOUT_S", "30", 0.01, 3600),
+        rate_per_s=number("SEMANTICA_RATE_LIMIT", "20000", 0.001, 1e9),
+        rate_burst=number("SEMANTICA_RATE_BURST", "5000", 1, 1e9),
     )

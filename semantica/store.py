@@ -75,6 +75,13 @@ class EnqueueResult(msgspec.Struct, kw_only=True):
     superseded_running_ids: list[str] = msgspec.field(default_factory=list)
 
 
+class EnqueueGroup(msgspec.Struct):
+    """One client request's jobs: a single enqueue, or a batch (`batch=True`)."""
+
+    requests: list[EnqueueRequest]
+    batch: bool
+
+
 class CancelResult(msgspec.Struct, kw_only=True):
     cancelled: list[str]
     was_running: list[str]  # their processes must be stopped by the caller
@@ -489,26 +496,65 @@ class Store:
         too with `supersede_running`), insert the job. A job whose explicit generation
         is older than the latest is stored SUPERSEDED at once; the result says so.
         """
-        payload = domain.validate_enqueue(req, env_allowlist=self.env_allowlist)
-        with self._writing():
-            return self._enqueue_one(req, payload, now)
+        outcome = self.enqueue_groups([EnqueueGroup([req], batch=False)], now=now)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome[0]
 
     def enqueue_batch(self, reqs: Sequence[EnqueueRequest], *, now: int) -> list[EnqueueResult]:
         """Store many jobs in one transaction, in order: all or nothing.
 
         A validation error names the job's index in the batch (`jobs[3].priority`).
         """
+        outcome = self.enqueue_groups([EnqueueGroup(list(reqs), batch=True)], now=now)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def enqueue_groups(
+        self, groups: Sequence[EnqueueGroup], *, now: int
+    ) -> list[list[EnqueueResult] | ValidationError | StoreError]:
+        """Group commit: store several independent requests in one transaction.
+
+        Each group is all-or-nothing on its own (a savepoint): a group that breaks a
+        rule gets its error in the returned list and leaves no trace, while the others
+        are stored. All share one commit, so one fsync acknowledges them all. If the
+        commit itself fails, StorageUnavailable is raised and nothing is stored.
+        """
+        prepared: list[list[bytes] | ValidationError] = []
+        for group in groups:
+            try:
+                prepared.append(self._validate_group(group))
+            except ValidationError as exc:
+                prepared.append(exc)
+        outcomes: list[list[EnqueueResult] | ValidationError | StoreError] = []
+        with self._writing():
+            for group, payloads in zip(groups, prepared, strict=True):
+                if isinstance(payloads, ValidationError):
+                    outcomes.append(payloads)
+                    continue
+                try:
+                    with self._db:  # a savepoint: this group alone rolls back
+                        outcomes.append(
+                            [
+                                self._enqueue_one(req, payload, now)
+                                for req, payload in zip(group.requests, payloads, strict=True)
+                            ]
+                        )
+                except ValidationError as exc:
+                    outcomes.append(exc)
+        return outcomes
+
+    def _validate_group(self, group: EnqueueGroup) -> list[bytes]:
         payloads = []
-        for index, req in enumerate(reqs):
+        for index, req in enumerate(group.requests):
             try:
                 payloads.append(domain.validate_enqueue(req, env_allowlist=self.env_allowlist))
             except ValidationError as exc:
+                if not group.batch:
+                    raise
                 raise ValidationError(f"jobs[{index}].{exc.field}", exc.reason) from None
-        with self._writing():
-            return [
-                self._enqueue_one(req, payload, now)
-                for req, payload in zip(reqs, payloads, strict=True)
-            ]
+        return payloads
 
     def _enqueue_one(self, req: EnqueueRequest, payload: bytes, now: int) -> EnqueueResult:
         db = self._db
@@ -813,6 +859,22 @@ class Store:
         jobs = [_row_to_job(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return jobs, next_cursor
+
+    def check_integrity(self, check: str = "quick_check") -> list[str]:
+        """Run PRAGMA quick_check or integrity_check; return the problems (empty: healthy).
+
+        Uses its own read-only connection, so it may run in a worker thread while the
+        daemon's connection keeps serving.
+        """
+        if check not in ("quick_check", "integrity_check"):
+            raise ValueError("check must be quick_check or integrity_check")
+        reader = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            reader.set_busy_timeout(BUSY_TIMEOUT_MS)
+            rows = [r[0] for r in reader.execute(f"PRAGMA {check}")]
+        finally:
+            reader.close()
+        return [] if rows == ["ok"] else rows
 
     def running_jobs(self) -> list[Job]:
         """Every RUNNING job with its runner PID and start time, for crash recovery."""

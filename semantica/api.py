@@ -1,0 +1,309 @@
+"""One small handler per JSON-RPC method, over the store.
+
+Handlers run on the trio thread. Enqueues go through the GroupCommitter so that
+concurrent clients share one commit; every reply to an enqueue is sent only after
+its commit. Store errors become RpcErrors with a stable code here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from semantica import __version__, log
+from semantica import protocol as p
+from semantica.domain import EnqueueRequest, IllegalTransition, Job, ValidationError
+from semantica.store import (
+    EnqueueGroup,
+    EnqueueResult,
+    JobFilter,
+    NotFound,
+    StorageUnavailable,
+    Store,
+    StoreError,
+)
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class JobWatch:
+    """Wakes long-polls (`jobs.wait.v1`) when a job changes state."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, trio.Event] = {}
+
+    def changed(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            event = self._events.pop(job_id, None)
+            if event is not None:
+                event.set()
+
+    def wake_all(self) -> None:
+        self.changed(list(self._events))
+
+    async def wait_for_change(self, job_id: str) -> None:
+        await self._events.setdefault(job_id, trio.Event()).wait()
+
+
+class _PendingEnqueue:
+    __slots__ = ("done", "group", "outcome")
+
+    def __init__(self, group: EnqueueGroup) -> None:
+        self.group = group
+        self.done = trio.Event()
+        self.outcome: list[EnqueueResult] | Exception | None = None
+
+
+class GroupCommitter:
+    """Enqueues from many connections share one transaction and one fsync.
+
+    A handler appends its request and waits; the committer task takes everything
+    pending, stores it with `Store.enqueue_groups` and wakes each handler with its
+    own outcome. Under load the groups grow by themselves: whatever arrives while a
+    commit is in progress joins the next one.
+    """
+
+    def __init__(self, store: Store, clock: Callable[[], int], metrics: p.Counters) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._pending: list[_PendingEnqueue] = []
+        self._has_work = trio.Event()
+        self.on_committed: Callable[[list[EnqueueResult]], None] = lambda results: None
+
+    async def submit(self, group: EnqueueGroup) -> list[EnqueueResult]:
+        pending = _PendingEnqueue(group)
+        self._pending.append(pending)
+        self._has_work.set()
+        await pending.done.wait()
+        if isinstance(pending.outcome, Exception):
+            raise pending.outcome
+        assert pending.outcome is not None
+        return pending.outcome
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._has_work.wait()
+            # One turn of the scheduler lets handlers that are already runnable join.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._has_work = trio.Event()
+            self.commit_pending()
+
+    def commit_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            outcomes = self._store.enqueue_groups([b.group for b in batch], now=self._clock())
+        except StoreError as exc:
+            outcomes = [exc] * len(batch)
+        except Exception as exc:
+            log.error("enqueue_commit_failed", error=str(exc), exc_info=True)
+            outcomes = [exc] * len(batch)
+        else:
+            self._metrics.enqueue_commits_total += 1
+        stored: list[EnqueueResult] = []
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.outcome = outcome
+            pending.done.set()
+            if not isinstance(outcome, Exception):
+                stored.extend(outcome)
+        if stored:
+            self._metrics.job_enqueue_total += len(stored)
+            self.on_committed(stored)
+
+
+def rpc_error_for(exc: Exception) -> p.RpcError:
+    """The JSON-RPC error a person can act on, for an exception from the store."""
+    match exc:
+        case p.RpcError():
+            return exc
+        case ValidationError():
+            return p.RpcError(p.VALIDATION, str(exc), {"field": exc.field})
+        case NotFound():
+            return p.RpcError(p.NOT_FOUND, str(exc), {exc.what: exc.ident})
+        case IllegalTransition():
+            return p.RpcError(
+                p.CONFLICT,
+                str(exc),
+                {"id": exc.job_id, "state": exc.current.value, "wanted": exc.target.value},
+            )
+        case StorageUnavailable():
+            return p.RpcError(
+                p.STORAGE_UNAVAILABLE,
+                f"storage unavailable: {exc}",
+                {"retry": "after the cause is fixed; reads still work"},
+            )
+        case _:
+            return p.RpcError(
+                p.INTERNAL_ERROR,
+                "internal error: the daemon log has the details; please report it",
+                {"type": type(exc).__name__},
+            )
+
+
+class Api:
+    """The handlers. `handle(method, params)` is the one entry point."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        home: str,
+        clock: Callable[[], int] = wall_clock_ms,
+        request_shutdown: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.home = home
+        self.clock = clock
+        self.metrics = p.Counters()
+        self.watch = JobWatch()
+        self.committer = GroupCommitter(store, clock, self.metrics)
+        self.committer.on_committed = self._after_enqueue
+        self.request_shutdown = request_shutdown
+        self.started_at = clock()
+        self.started_monotonic = time.monotonic()
+        self.draining = False
+
+    async def handle(self, method: str, params: Any) -> Any:
+        """Run one method; raise RpcError on failure."""
+        try:
+            match method:
+                case "dev.enqueue.v1":
+                    return await self.enqueue(params)
+                case "dev.enqueue_batch.v1":
+                    return await self.enqueue_batch(params)
+                case "dev.cancel.v1":
+                    return self.cancel(params)
+                case "jobs.get.v1":
+                    return self.store.get(params.id)
+                case "jobs.list.v1":
+                    return self.list_jobs(params)
+                case "jobs.wait.v1":
+                    return await self.wait(params)
+                case "queues.list.v1":
+                    return p.QueueList(queues=self.store.queues())
+                case "queues.pause.v1":
+                    return self.store.set_queue_paused(params.queue, True, now=self.clock())
+                case "queues.resume.v1":
+                    return self.store.set_queue_paused(params.queue, False, now=self.clock())
+                case "queues.configure.v1":
+                    return self.store.configure_queue(
+                        params.queue, concurrency=params.concurrency, now=self.clock()
+                    )
+                case "admin.stats.v1":
+                    return self.stats()
+                case "admin.health.v1":
+                    return await self.health(params)
+                case "admin.shutdown.v1":
+                    self.request_shutdown()
+                    return p.Stopping(stopping=True)
+        except (StoreError, ValidationError, IllegalTransition) as exc:
+            raise rpc_error_for(exc) from None
+        raise p.RpcError(p.METHOD_NOT_FOUND, f"no handler for {method!r}")
+
+    # ----------------------------------------------------------------- jobs
+
+    async def enqueue(self, req: EnqueueRequest) -> Job:
+        [result] = await self.committer.submit(EnqueueGroup([req], batch=False))
+        return result.job
+
+    async def enqueue_batch(self, params: p.EnqueueBatchParams) -> p.JobList:
+        if not params.jobs:
+            raise ValidationError("jobs", "must hold at least one job")
+        results = await self.committer.submit(EnqueueGroup(params.jobs, batch=True))
+        return p.JobList(jobs=[r.job for r in results])
+
+    def _after_enqueue(self, results: list[EnqueueResult]) -> None:
+        changed = []
+        for result in results:
+            changed += result.superseded_ids + result.superseded_running_ids
+            if result.superseded_on_arrival:
+                changed.append(result.job.id)
+            log.event(
+                "job_enqueued",
+                job_id=result.job.id,
+                queue=result.job.queue,
+                job_type=result.job.job_type,
+                state=result.job.state.value,
+                generation=result.job.generation,
+            )
+        self.watch.changed(changed)
+
+    def cancel(self, params: p.CancelParams) -> p.Cancelled:
+        result = self.store.cancel(
+            job_id=params.id, tag=params.tag, chain=params.chain, now=self.clock()
+        )
+        self.watch.changed(result.cancelled + result.dependents_cancelled)
+        for job_id in result.cancelled + result.dependents_cancelled:
+            log.event("job_state_changed", job_id=job_id, state="CANCELLED")
+        return p.Cancelled(
+            cancelled=result.cancelled, dependents_cancelled=result.dependents_cancelled
+        )
+
+    def list_jobs(self, params: p.ListParams) -> p.JobPage:
+        filters = JobFilter(
+            state=params.state,
+            queue=params.queue,
+            job_type=params.job_type,
+            tag=params.tag,
+            chain=params.chain,
+            subject=params.subject,
+        )
+        jobs, cursor = self.store.list(filters, limit=params.limit, cursor=params.cursor)
+        return p.JobPage(jobs=jobs, next_cursor=cursor)
+
+    async def wait(self, params: p.WaitParams) -> Job:
+        if not 0 <= params.timeout_ms <= p.WAIT_TIMEOUT_MAX_MS:
+            raise ValidationError("timeout_ms", f"must be between 0 and {p.WAIT_TIMEOUT_MAX_MS}")
+        job = self.store.get(params.id)
+        with trio.move_on_after(params.timeout_ms / 1000):
+            while not job.is_terminal and not self.draining:
+                await self.watch.wait_for_change(params.id)
+                job = self.store.get(params.id)
+        return self.store.get(params.id)
+
+    # ----------------------------------------------------------------- admin
+
+    def stats(self) -> p.StatsResult:
+        stats = self.store.stats()
+        return p.StatsResult(
+            jobs_by_state=stats.by_state,
+            jobs_by_queue=stats.by_queue,
+            running=stats.running,
+            db_size_bytes=stats.db_size_bytes,
+            uptime_s=round(time.monotonic() - self.started_monotonic, 3),
+            counters=self.metrics,
+        )
+
+    async def health(self, params: p.HealthParams) -> p.HealthResult:
+        check = "integrity_check" if params.integrity_check else "quick_check"
+        problems = await trio.to_thread.run_sync(self.store.check_integrity, check)
+        disk = shutil.disk_usage(self.home)
+        wal = self.store.path + "-wal"
+        return p.HealthResult(
+            ok=not problems,
+            check=check,
+            problems=problems,
+            wal_bytes=os.path.getsize(wal) if os.path.exists(wal) else 0,
+            disk_free_bytes=disk.free,
+            db_path=self.store.path,
+            schema_version=self.store.schema_version(),
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self.started_monotonic, 3),
+            state="draining" if self.draining else "serving",
+        )
+
+    def begin_drain(self) -> None:
+        """Refuse new jobs and release every long-poll with the job as it is now."""
+        self.draining = True
+        self.watch.wake_all()

@@ -1,0 +1,364 @@
+"""The Python SDK: `Client` (blocking) and `AsyncClient` (anyio: asyncio or trio).
+
+Both speak newline-delimited JSON-RPC over one persistent connection: the Unix
+socket by default, or TCP with the token. Results are the daemon's own Structs
+(`Job`, `JobPage`, ...); errors are `SemanticaError` subclasses.
+
+    with semantica.Client() as client:
+        job = client.enqueue(job_type="index_file", subject_key="src/main.rs",
+                             payload={"path": "src/main.rs"})
+        done = client.wait(job.id, timeout_ms=10_000)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from semantica import protocol as p
+from semantica.domain import EnqueueRequest, Job, State
+from semantica.errors import ConnectionLost, DaemonNotRunning, SemanticaError, error_from
+from semantica.store import QueueInfo
+
+T = TypeVar("T")
+_decode_response = msgspec.json.Decoder(p.ResponseIn).decode
+DEFAULT_TIMEOUT_S = 30.0
+WAIT_SLACK_S = 10.0
+START_HINT = "start it with `semantica` (or `make run` in a checkout), then retry"
+
+
+class Target(msgspec.Struct, frozen=True):
+    """Where the daemon listens: a Unix socket path, or a TCP host and port + token."""
+
+    socket_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    token: str | None = None
+
+    def describe(self) -> str:
+        return self.socket_path or f"{self.host}:{self.port}"
+
+
+def resolve_target(
+    socket_path: str | os.PathLike[str] | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    token: str | None = None,
+    home: str | os.PathLike[str] | None = None,
+) -> Target:
+    """Socket path, else TCP when host/port are given; defaults from SEMANTICA_* variables."""
+    home_dir = Path(
+        home or os.environ.get("SEMANTICA_HOME") or Path.home() / ".semantica"
+    ).expanduser()
+    if host is not None or port is not None:
+        if token is None:
+            token_file = home_dir / "token"
+            try:
+                token = token_file.read_text().strip()
+            except OSError as exc:
+                raise SemanticaError(
+                    f"TCP needs the daemon's token and {token_file} cannot be read "
+                    f"({exc.strerror}): pass token=..., or use the Unix socket",
+                    code=p.UNAUTHORIZED,
+                ) from None
+        return Target(
+            host=host or "127.0.0.1",
+            port=port or int(os.environ.get("SEMANTICA_RPC_PORT") or 9527),
+            token=token,
+        )
+    path = socket_path or os.environ.get("SEMANTICA_SOCKET_PATH") or home_dir / "semantica.sock"
+    return Target(socket_path=os.fspath(path))
+
+
+def _not_running(target: Target, exc: OSError) -> DaemonNotRunning:
+    return DaemonNotRunning(
+        f"the Semantica daemon is not running (nothing answers at {target.describe()}: "
+        f"{exc.strerror or exc}): {START_HINT}"
+    )
+
+
+def _result(line: bytes, result_type: type[T]) -> T:
+    try:
+        response = _decode_response(line)
+    except msgspec.DecodeError as exc:
+        raise SemanticaError(f"the daemon sent a reply this SDK cannot read: {exc}") from None
+    if response.error is not msgspec.UNSET:
+        raise error_from(response.error)
+    assert response.result is not msgspec.UNSET
+    return msgspec.json.decode(response.result, type=result_type)
+
+
+def _enqueue_params(request: EnqueueRequest | None, fields: dict[str, Any]) -> Any:
+    if request is not None and fields:
+        raise TypeError("pass an EnqueueRequest or keyword fields, not both")
+    return request if request is not None else fields
+
+
+class _Methods:
+    """Every method of the API, shared by both clients.
+
+    Each returns `self._call(...)`: a value for Client, an awaitable for AsyncClient.
+    """
+
+    def _call(self, method: str, params: Any, result_type: Any, timeout: float | None = None):
+        raise NotImplementedError
+
+    def enqueue(self, request: EnqueueRequest | None = None, /, **fields: Any) -> Job:
+        """Enqueue one job (fields of SPEC §3); returns the stored job."""
+        return self._call("dev.enqueue.v1", _enqueue_params(request, fields), Job)
+
+    def enqueue_batch(self, jobs: list[EnqueueRequest | dict[str, Any]]) -> p.JobList:
+        """Enqueue many jobs at once, all or nothing; `.jobs` is in order."""
+        return self._call("dev.enqueue_batch.v1", {"jobs": jobs}, p.JobList)
+
+    def get(self, job_id: str) -> Job:
+        """The job with this id (NotFound if none)."""
+        return self._call("jobs.get.v1", {"id": job_id}, Job)
+
+    def list(
+        self,
+        *,
+        state: State | str | None = None,
+        queue: str | None = None,
+        job_type: str | None = None,
+        tag: str | None = None,
+        chain: str | None = None,
+        subject: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> p.JobPage:
+        """Jobs matching every given filter, newest first; pass `next_cursor` for more."""
+        params = {
+            "state": state,
+            "queue": queue,
+            "job_type": job_type,
+            "tag": tag,
+            "chain": chain,
+            "subject": subject,
+            "limit": limit,
+            "cursor": cursor,
+        }
+        return self._call(
+            "jobs.list.v1", {k: v for k, v in params.items() if v is not None}, p.JobPage
+        )
+
+    def wait(self, job_id: str, timeout_ms: int = 30_000) -> Job:
+        """Block until the job is final or `timeout_ms` passes; returns the job as it is."""
+        return self._call(
+            "jobs.wait.v1",
+            {"id": job_id, "timeout_ms": timeout_ms},
+            Job,
+            timeout=timeout_ms / 1000 + WAIT_SLACK_S,
+        )
+
+    def cancel(
+        self, job_id: str | None = None, *, tag: str | None = None, chain: str | None = None
+    ) -> p.Cancelled:
+        """Cancel a job by id, or all unfinished jobs with a tag or in a chain."""
+        params = {"id": job_id, "tag": tag, "chain": chain}
+        return self._call(
+            "dev.cancel.v1", {k: v for k, v in params.items() if v is not None}, p.Cancelled
+        )
+
+    def queues(self) -> p.QueueList:
+        """Every queue with its limit, paused flag and job counts."""
+        return self._call("queues.list.v1", {}, p.QueueList)
+
+    def pause(self, queue: str) -> QueueInfo:
+        """Stop claiming from a queue; running jobs finish."""
+        return self._call("queues.pause.v1", {"queue": queue}, QueueInfo)
+
+    def resume(self, queue: str) -> QueueInfo:
+        return self._call("queues.resume.v1", {"queue": queue}, QueueInfo)
+
+    def configure_queue(self, queue: str, *, concurrency: int | None) -> QueueInfo:
+        """Set a queue's own concurrency limit (None: only the global limit)."""
+        return self._call(
+            "queues.configure.v1", {"queue": queue, "concurrency": concurrency}, QueueInfo
+        )
+
+    def stats(self) -> p.StatsResult:
+        return self._call("admin.stats.v1", {}, p.StatsResult)
+
+    def health(self, *, integrity_check: bool = False) -> p.HealthResult:
+        return self._call(
+            "admin.health.v1", {"integrity_check": integrity_check}, p.HealthResult
+        )
+
+    def shutdown(self) -> p.Stopping:
+        """Ask the daemon to drain and stop."""
+        return self._call("admin.shutdown.v1", {}, p.Stopping)
+
+    def call(self, method: str, params: Any = None) -> Any:
+        """Any method by name, with untyped params and result."""
+        return self._call(method, {} if params is None else params, Any)
+
+
+class Client(_Methods):
+    """Blocking client over one persistent connection; safe to share between threads."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        token: str | None = None,
+        home: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.target = resolve_target(socket_path, host=host, port=port, token=token, home=home)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._buffer.clear()
+
+    def _connect(self) -> None:
+        t = self.target
+        try:
+            if t.socket_path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                sock.connect(t.socket_path)
+            else:
+                sock = socket.create_connection((t.host, t.port), timeout=self.timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _not_running(t, exc) from None
+        self._sock = sock
+        if t.token is not None:
+            self._roundtrip(p.AUTH_METHOD, {"token": t.token}, p.Authenticated, self.timeout)
+
+    def _roundtrip(self, method: str, params: Any, result_type: Any, timeout: float) -> Any:
+        assert self._sock is not None
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.sendall(p.encode_request(method, params, next(self._ids)) + b"\n")
+            while (newline := self._buffer.find(b"\n")) < 0:
+                data = self._sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("the daemon closed the connection")
+                self._buffer += data
+        except (OSError, TimeoutError) as exc:
+            self._sock.close()
+            self._sock = None
+            self._buffer.clear()
+            raise ConnectionLost(
+                f"lost the connection to the daemon during {method} ({exc}); "
+                "it may or may not have been carried out: check before retrying"
+            ) from None
+        line = bytes(self._buffer[:newline])
+        del self._buffer[: newline + 1]
+        return _result(line, result_type)
+
+    def _call(self, method: str, params: Any, result_type: Any, timeout: float | None = None):
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            return self._roundtrip(method, params, result_type, timeout or self.timeout)
+
+
+class AsyncClient(_Methods):
+    """Async client on anyio: `async with AsyncClient() as c: await c.get(job_id)`.
+
+    Works under asyncio and trio. Calls on one client are serialised over its one
+    connection; open several clients for parallel calls.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        token: str | None = None,
+        home: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.target = resolve_target(socket_path, host=host, port=port, token=token, home=home)
+        self.timeout = timeout
+        self._stream: Any = None
+        self._buffer = bytearray()
+        self._ids = itertools.count(1)
+        self._lock: Any = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.aclose()
+        self._buffer.clear()
+
+    async def _connect(self) -> None:
+        import anyio
+
+        t = self.target
+        try:
+            if t.socket_path is not None:
+                self._stream = await anyio.connect_unix(t.socket_path)
+            else:
+                self._stream = await anyio.connect_tcp(t.host, t.port)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _not_running(t, exc) from None
+        except OSError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError | ConnectionRefusedError) or (
+                exc.errno is None and "refused" in str(exc).lower()
+            ):
+                raise _not_running(t, exc) from None
+            raise
+        if t.token is not None:
+            await self._roundtrip(p.AUTH_METHOD, {"token": t.token}, p.Authenticated, self.timeout)
+
+    async def _roundtrip(self, method: str, params: Any, result_type: Any, timeout: float) -> Any:
+        import anyio
+
+        try:
+            with anyio.fail_after(timeout):
+                await self._stream.send(p.encode_request(method, params, next(self._ids)) + b"\n")
+                while (newline := self._buffer.find(b"\n")) < 0:
+                    self._buffer += await self._stream.receive(65536)
+        except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            await self.aclose()
+            raise ConnectionLost(
+                f"lost the connection to the daemon during {method} ({exc!r}); "
+                "it may or may not have been carried out: check before retrying"
+            ) from None
+        line = bytes(self._buffer[:newline])
+        del self._buffer[: newline + 1]
+        return _result(line, result_type)
+
+    async def _call(self, method: str, params: Any, result_type: Any, timeout: float | None = None):
+        import anyio
+
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if self._stream is None:
+                await self._connect()
+            return await self._roundtrip(method, params, result_type, timeout or self.timeout)

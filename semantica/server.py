@@ -1,0 +1,541 @@
+"""Listeners: a Unix socket (owner-only) and localhost TCP (token), two framings each.
+
+A connection's first byte picks the framing: `{`, `[` or whitespace is
+newline-delimited JSON-RPC (persistent, pipelined); a letter is HTTP/1.1 (`POST /`
+with a JSON-RPC body, parsed by h11). Limits keep one client from starving others:
+message size (4013 before the message is buffered whole), idle and slow-client
+timeouts, a connection cap that evicts the longest-idle connection first, and a
+per-connection token bucket (4029).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import os
+import socket
+import stat
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import h11
+import msgspec
+import trio
+
+from semantica import log
+from semantica import protocol as p
+from semantica.api import Api, rpc_error_for
+
+READ_CHUNK = 65536
+HTTP_HEADER_LIMIT = 64 * 1024
+
+
+class Limits(msgspec.Struct, kw_only=True, frozen=True):
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_connections: int = 512
+    idle_timeout_s: float = 300.0
+    request_timeout_s: float = 30.0  # from a message's first byte to its last
+    rate_per_s: float = 20_000.0
+    rate_burst: float = 5_000.0
+    drain_grace_s: float = 10.0
+
+
+class TokenBucket:
+    """Per-connection rate limit: `rate` calls a second, bursts up to `burst`."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def take(self, n: int, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+class SocketInUse(RuntimeError):
+    """Another live daemon answers on the socket path."""
+
+
+class ConnectionClosed(Exception):
+    """The peer went away, timed out, or broke the framing: stop serving it."""
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The connecting process's uid over a Unix socket (Linux SO_PEERCRED)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _check_socket_dir(directory: Path) -> None:
+    mode = directory.stat().st_mode
+    if stat.S_IMODE(mode) & 0o077:
+        raise PermissionError(
+            f"the socket directory {directory} is open to other users "
+            f"(mode {stat.S_IMODE(mode):04o}): use a 0700 directory for SEMANTICA_SOCKET_PATH"
+        )
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(
+            f"{path} exists and is not a socket: move it away or pick another path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        log.event("stale_socket_removed", path=str(path))
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise SocketInUse(
+        f"another daemon is answering on {path}: stop it first (semantica-cli shutdown), "
+        "or give this one another SEMANTICA_SOCKET_PATH"
+    )
+
+
+async def open_unix_listener(path: Path, backlog: int = 512) -> trio.SocketListener:
+    """Bind the socket owner-only: 0700 directory, umask 0177 during bind, then 0600."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_socket_dir(path.parent)
+    _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        if "too long" in str(exc) or exc.errno == errno.ENAMETOOLONG:
+            raise OSError(
+                f"socket path {path} is too long for a Unix socket ({len(str(path))} bytes; "
+                "the limit is about 107): set a shorter SEMANTICA_SOCKET_PATH"
+            ) from None
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    return trio.SocketListener(sock)
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class Conn:
+    """State of one client connection."""
+
+    def __init__(self, stream: trio.SocketStream, transport: str, limits: Limits) -> None:
+        self.stream = stream
+        self.transport = transport
+        self.needs_auth = transport == "tcp"
+        self.authenticated = False
+        self.bucket = TokenBucket(limits.rate_per_s, limits.rate_burst, time.monotonic())
+        self.idle_since: float | None = time.monotonic()
+        self.scope = trio.CancelScope()
+        self.evicted = False
+
+
+class Server:
+    """Serves JSON-RPC on the given listeners until `drain()` and all clients are done."""
+
+    def __init__(self, api: Api, *, limits: Limits, token: str | None) -> None:
+        self.api = api
+        self.limits = limits
+        self.token = token
+        self.conns: set[Conn] = set()
+        self._accepting = trio.CancelScope()
+        self._draining = False
+        self._uid = os.geteuid()
+
+    async def serve(
+        self,
+        listeners: list[tuple[trio.SocketListener, str]],
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as conns_nursery:
+            with self._accepting:
+                async with trio.open_nursery() as accepters:
+                    for listener, transport in listeners:
+                        accepters.start_soon(self._accept_loop, listener, transport, conns_nursery)
+                    task_status.started()
+            for listener, _ in listeners:
+                await listener.aclose()
+            # Draining: idle clients go now, busy ones after their reply, the rest at the deadline.
+            for conn in list(self.conns):
+                if conn.idle_since is not None:
+                    conn.scope.cancel()
+            conns_nursery.cancel_scope.deadline = trio.current_time() + self.limits.drain_grace_s
+
+    def drain(self) -> None:
+        """Stop accepting; let in-flight requests finish; close connections."""
+        self._draining = True
+        self._accepting.cancel()
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, transport: str, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept_failed", error=str(exc), transport=transport)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._serve_connection, stream, transport)
+
+    async def _serve_connection(self, stream: trio.SocketStream, transport: str) -> None:
+        async with stream:
+            if transport == "unix":
+                uid = peer_uid(stream.socket)
+                if uid is not None and uid not in (self._uid, 0):
+                    log.warning("connection_refused", reason="foreign uid", peer_uid=uid)
+                    return
+            if len(self.conns) >= self.limits.max_connections and not self._evict_idle():
+                await self._send_quietly(
+                    stream,
+                    p.RpcError(
+                        p.RATE_LIMITED,
+                        f"too many connections ({self.limits.max_connections}) are busy: "
+                        "retry shortly, and reuse one connection per client",
+                    ),
+                )
+                return
+            conn = Conn(stream, transport, self.limits)
+            self.conns.add(conn)
+            try:
+                with conn.scope:
+                    await self._serve_framing(conn)
+            except ConnectionClosed:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                pass
+            except Exception as exc:  # one client's trouble must never reach the daemon
+                log.error(
+                    "connection_failed",
+                    transport=transport,
+                    error=repr(exc),
+                    exc_info=True,
+                )
+            finally:
+                self.conns.discard(conn)
+            if conn.evicted:
+                await self._send_quietly(
+                    stream,
+                    p.RpcError(p.RATE_LIMITED, "closed to make room for another client"),
+                )
+
+    def _evict_idle(self) -> bool:
+        idle = [c for c in self.conns if c.idle_since is not None and not c.evicted]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.idle_since)
+        oldest.evicted = True
+        oldest.scope.cancel()
+        self.conns.discard(oldest)
+        log.event("connection_evicted", reason="connection cap reached")
+        return True
+
+    async def _send_quietly(self, stream: trio.SocketStream, err: p.RpcError) -> None:
+        with (
+            trio.move_on_after(1),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await stream.send_all(p.encode(p.error_response(None, err)) + b"\n")
+
+    async def _receive(self, conn: Conn, deadline: float) -> bytes:
+        with trio.move_on_at(deadline):
+            data = await conn.stream.receive_some(READ_CHUNK)
+            if not data:
+                raise ConnectionClosed("peer closed")
+            return data
+        raise ConnectionClosed("timed out")
+
+    async def _serve_framing(self, conn: Conn) -> None:
+        first = await self._receive(conn, trio.current_time() + self.limits.idle_timeout_s)
+        if first[:1].isalpha():
+            await self._serve_http(conn, first)
+        else:
+            await self._serve_ndjson(conn, first)
+
+    # ----------------------------------------------------------------- NDJSON
+
+    async def _serve_ndjson(self, conn: Conn, first: bytes) -> None:
+        limits = self.limits
+        buf = bytearray(first)
+        started = trio.current_time()
+        while True:
+            newline = buf.find(b"\n")
+            while newline < 0:
+                if len(buf) > limits.max_message_bytes:
+                    await self._refuse_oversized(conn, "NDJSON line")
+                    return
+                if buf.strip():
+                    deadline = started + limits.request_timeout_s
+                else:
+                    conn.idle_since = conn.idle_since or time.monotonic()
+                    deadline = trio.current_time() + limits.idle_timeout_s
+                try:
+                    data = await self._receive(conn, deadline)
+                except ConnectionClosed as exc:
+                    if buf.strip() and str(exc) == "timed out":
+                        log.warning("slow_client_dropped", transport=conn.transport)
+                    elif buf.strip():  # a last message without its newline
+                        await self._answer_ndjson(conn, bytes(buf))
+                    raise
+                if not buf.strip():
+                    started = trio.current_time()
+                buf += data
+                newline = buf.find(b"\n", max(0, len(buf) - len(data)))
+            line = bytes(buf[:newline])
+            del buf[: newline + 1]
+            if line.strip():
+                await self._answer_ndjson(conn, line)
+                if self._draining:
+                    return
+            started = trio.current_time()
+
+    async def _answer_ndjson(self, conn: Conn, message: bytes) -> None:
+        conn.idle_since = None
+        reply = await self.process(message, conn)
+        if reply is not None:
+            await conn.stream.send_all(reply + b"\n")
+        conn.idle_since = time.monotonic()
+
+    async def _refuse_oversized(self, conn: Conn, what: str) -> None:
+        err = p.RpcError(
+            p.TOO_LARGE,
+            f"message too large: the limit is {self.limits.max_message_bytes} bytes per "
+            f"{what}; split the work into smaller requests",
+            {"limit_bytes": self.limits.max_message_bytes},
+        )
+        log.warning("message_too_large", transport=conn.transport)
+        await conn.stream.send_all(p.encode(p.error_response(None, err)) + b"\n")
+
+    # ----------------------------------------------------------------- HTTP
+
+    async def _serve_http(self, conn: Conn, first: bytes) -> None:
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_HEADER_LIMIT)
+        h.receive_data(first)
+        while True:
+            started = trio.current_time()
+            request = await self._next_http_event(conn, h, started, idle=True)
+            if isinstance(request, h11.ConnectionClosed):
+                return
+            if not isinstance(request, h11.Request):
+                raise ConnectionClosed("unexpected HTTP event")
+            conn.idle_since = None
+            await self._answer_http(conn, h, request, started)
+            # An early answer (401, 404, 413) leaves the body unread: the stream cannot be reused.
+            if h.our_state is not h11.DONE or h.their_state is not h11.DONE or self._draining:
+                return
+            h.start_next_cycle()
+            conn.idle_since = time.monotonic()
+
+    async def _next_http_event(
+        self, conn: Conn, h: h11.Connection, started: float, *, idle: bool
+    ) -> Any:
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._send_http(conn, h, exc.error_status_hint, None, close=True)
+                raise ConnectionClosed("bad HTTP") from None
+            if event is not h11.NEED_DATA:
+                return event
+            waiting_for_request = idle and h.their_state is h11.IDLE
+            deadline = (
+                trio.current_time() + self.limits.idle_timeout_s
+                if waiting_for_request
+                else started + self.limits.request_timeout_s
+            )
+            try:
+                data = await self._receive(conn, deadline)
+            except ConnectionClosed:
+                if h.their_state is h11.IDLE:
+                    return h11.ConnectionClosed()
+                raise
+            h.receive_data(data)
+
+    async def _answer_http(
+        self, conn: Conn, h: h11.Connection, request: h11.Request, started: float
+    ) -> None:
+        headers = {k.lower(): v for k, v in request.headers}
+        if request.target.split(b"?")[0] != b"/":
+            await self._send_http(conn, h, 404, p.RpcError(p.NOT_FOUND, "POST JSON-RPC to /"))
+            return
+        if request.method != b"POST":
+            await self._send_http(
+                conn, h, 405, p.RpcError(p.INVALID_REQUEST, "use POST / with a JSON-RPC body")
+            )
+            return
+        if conn.needs_auth and not self._bearer_ok(headers.get(b"authorization", b"")):
+            log.warning("unauthorized_request", transport=conn.transport)
+            await self._send_http(conn, h, 401, self._unauthorized())
+            return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_message_bytes:
+            await self._send_http(conn, h, 413, self._too_large(), close=True)
+            return
+        if h.they_are_waiting_for_100_continue:
+            await conn.stream.send_all(h.send(h11.InformationalResponse(status_code=100)))
+        body = bytearray()
+        while True:
+            event = await self._next_http_event(conn, h, started, idle=False)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.limits.max_message_bytes:
+                    await self._send_http(conn, h, 413, self._too_large(), close=True)
+                    raise ConnectionClosed("oversized HTTP body")
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise ConnectionClosed("unexpected HTTP event")
+        reply = await self.process(bytes(body), conn)
+        await self._send_http_body(conn, h, 200 if reply is not None else 204, reply)
+
+    def _bearer_ok(self, header: bytes) -> bool:
+        if self.token is None:
+            return False
+        expected = b"Bearer " + self.token.encode()
+        return hmac.compare_digest(header.strip(), expected)
+
+    def _unauthorized(self) -> p.RpcError:
+        return p.RpcError(
+            p.UNAUTHORIZED,
+            "this TCP endpoint needs the token from $SEMANTICA_HOME/token: send "
+            "'Authorization: Bearer <token>' over HTTP, or an 'auth' call first over NDJSON",
+        )
+
+    def _too_large(self) -> p.RpcError:
+        return p.RpcError(
+            p.TOO_LARGE,
+            f"message too large: the limit is {self.limits.max_message_bytes} bytes; "
+            "split the work into smaller requests",
+            {"limit_bytes": self.limits.max_message_bytes},
+        )
+
+    async def _send_http(
+        self, conn: Conn, h: h11.Connection, status: int, err: p.RpcError | None, close=False
+    ) -> None:
+        body = p.encode(p.error_response(None, err)) if err is not None else None
+        await self._send_http_body(conn, h, status, body, close=close)
+
+    async def _send_http_body(
+        self, conn: Conn, h: h11.Connection, status: int, body: bytes | None, close=False
+    ) -> None:
+        if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [("server", "semantica")]
+        if body is not None:
+            headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+        elif status != 204:
+            headers.append(("content-length", "0"))
+        if close:
+            headers.append(("connection", "close"))
+        data = h.send(h11.Response(status_code=status, headers=headers))
+        if body:
+            data += h.send(h11.Data(data=body))
+        data += h.send(h11.EndOfMessage())
+        await conn.stream.send_all(data)
+
+    # ----------------------------------------------------------------- JSON-RPC
+
+    async def process(self, message: bytes, conn: Conn) -> bytes | None:
+        """Answer one message (a request or a batch); None when nothing is owed."""
+        decoded = p.decode_message(message)
+        if isinstance(decoded, p.Call):
+            if not conn.bucket.take(1, time.monotonic()):
+                return self._rate_limited_reply([decoded])
+            response = await self.run_call(decoded, conn)
+            return None if response is None else p.encode(response)
+        calls, _ = decoded
+        if not conn.bucket.take(len(calls), time.monotonic()):
+            return self._rate_limited_reply(calls, batch=True)
+        responses: list[p.Response | None] = [None] * len(calls)
+
+        async def run(index: int, call: p.Call) -> None:
+            responses[index] = await self.run_call(call, conn)
+
+        async with trio.open_nursery() as nursery:
+            for index, call in enumerate(calls):
+                nursery.start_soon(run, index, call)
+        answered = [r for r in responses if r is not None]
+        return p.encode(answered) if answered else None
+
+    def _rate_limited_reply(self, calls: list[p.Call], batch: bool = False) -> bytes | None:
+        err = p.RpcError(
+            p.RATE_LIMITED,
+            f"rate limited: at most {self.limits.rate_per_s:g} calls a second per connection; "
+            "slow down or batch jobs with dev.enqueue_batch.v1",
+        )
+        replies = [p.error_response(c.id, err) for c in calls if not c.is_notification]
+        if not replies:
+            return None
+        return p.encode(replies if batch else replies[0])
+
+    async def run_call(self, call: p.Call, conn: Conn) -> p.Response | None:
+        if call.error is not None:
+            response = p.error_response(call.id, call.error)
+        elif call.method == p.AUTH_METHOD:
+            response = self._authenticate(call, conn)
+        elif conn.needs_auth and not conn.authenticated:
+            response = p.error_response(call.id, self._unauthorized())
+        else:
+            try:
+                result = await self.api.handle(call.method, call.params)
+                response = p.result_response(call.id, result)
+            except p.RpcError as err:
+                response = p.error_response(call.id, err)
+            except Exception as exc:
+                log.error("request_failed", method=call.method, error=repr(exc), exc_info=True)
+                response = p.error_response(call.id, rpc_error_for(exc))
+        return None if call.is_notification else response
+
+    def _authenticate(self, call: p.Call, conn: Conn) -> p.Response:
+        if not conn.needs_auth:
+            return p.result_response(call.id, p.Authenticated(authenticated=True))
+        token = call.params.token.encode()
+        if self.token is not None and hmac.compare_digest(token, self.token.encode()):
+            conn.authenticated = True
+            return p.result_response(call.id, p.Authenticated(authenticated=True))
+        log.warning("unauthorized_request", transport=conn.transport)
+        return p.error_response(call.id, self._unauthorized())
+
+
+def raise_fd_limit() -> None:
+    """Let the connection cap, not the default 1024 descriptors, bound the clients."""
+    if sys.platform == "win32":
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

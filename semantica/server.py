@@ -395,10 +395,12 @@ class Server:
                 conn, h, 405, p.RpcError(p.INVALID_REQUEST, "use POST / with a JSON-RPC body")
             )
             return
-        if conn.needs_auth and not self._bearer_ok(headers.get(b"authorization", b"")):
-            log.warning("unauthorized_request", transport=conn.transport)
-            await self._send_http(conn, h, 401, self._unauthorized())
-            return
+        if conn.needs_auth:  # every HTTP request carries the token
+            conn.authenticated = self._bearer_ok(headers.get(b"authorization", b""))
+            if not conn.authenticated:
+                log.warning("unauthorized_request", transport=conn.transport)
+                await self._send_http(conn, h, 401, self._unauthorized())
+                return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_message_bytes:
             await self._send_http(conn, h, 413, self._too_large(), close=True)
@@ -508,6 +510,7 @@ class Server:
         elif conn.needs_auth and not conn.authenticated:
             response = p.error_response(call.id, self._unauthorized())
         else:
+            log.debug("rpc_call", method=call.method, transport=conn.transport)
             try:
                 result = await self.api.handle(call.method, call.params)
                 response = p.result_response(call.id, result)

@@ -1,0 +1,180 @@
+"""A real daemon process on a temporary SEMANTICA_HOME, and raw ways to talk to it.
+
+`start_daemon()` launches `python -m semantica.daemon` and waits for its sd_notify
+READY=1 on a socket of our own, so tests never sleep-and-poll for readiness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import semantica
+
+READY_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, home: Path, env: dict[str, str], extra_args: list[str]) -> None:
+        self.home = home
+        self.env = env
+        self.extra_args = extra_args
+        self.socket_path = home / "semantica.sock"
+        self.port = int(env["SEMANTICA_RPC_PORT"])
+        self.proc: subprocess.Popen | None = None
+        self.log_path = home.parent / "daemon.log"
+        self._notify: socket.socket | None = None
+
+    @property
+    def token(self) -> str:
+        return (self.home / "token").read_text().strip()
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        notify_path = str(self.home.parent / "notify.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(notify_path)
+        env = {**self.env, "NOTIFY_SOCKET": notify_path}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "semantica.daemon", *self.extra_args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait_ready:
+            self.wait_for_notify("READY=1")
+        return self
+
+    def wait_for_notify(self, message: str, timeout: float = READY_TIMEOUT_S) -> None:
+        assert self._notify is not None
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self._notify.settimeout(left)
+            try:
+                got = self._notify.recv(4096).decode()
+            except TimeoutError:
+                break
+            if message in got.split("\n"):
+                return
+        raise AssertionError(f"daemon never sent {message}; its log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, **kwargs) -> semantica.Client:
+        return semantica.Client(self.socket_path, **kwargs)
+
+    def tcp_client(self, **kwargs) -> semantica.Client:
+        kwargs.setdefault("token", self.token)
+        return semantica.Client(host="127.0.0.1", port=self.port, **kwargs)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"daemon did not stop on SIGTERM; its log:\n{self.log()}"
+            ) from None
+        finally:
+            if self._notify is not None:
+                self._notify.close()
+                self._notify = None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+def make_home(prefix: str = "sem-") -> Path:
+    """A short path: Unix socket paths must stay under ~107 bytes."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    return base / "home"
+
+
+def daemon_env(home: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEMANTICA_", "NOTIFY_"))}
+    env.update(
+        SEMANTICA_HOME=str(home),
+        SEMANTICA_RPC_PORT=str(free_port()),
+        SEMANTICA_LOG_FORMAT="json",
+        SEMANTICA_LOG_LEVEL="debug",
+    )
+    env.update(overrides)
+    return env
+
+
+def start_daemon(home: Path | None = None, *args: str, **env_overrides: str) -> Daemon:
+    home = home or make_home()
+    return Daemon(home, daemon_env(home, **env_overrides), list(args)).start()
+
+
+def remove_home(home: Path) -> None:
+    shutil.rmtree(home.parent, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- raw talk
+
+
+def ndjson_exchange(path_or_addr, payload: bytes, *, timeout: float = 10.0) -> list[bytes]:
+    """Send bytes, half-close, and return every reply line until the daemon closes."""
+    family = socket.AF_UNIX if isinstance(path_or_addr, str | Path) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path_or_addr) if family == socket.AF_UNIX else path_or_addr)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return [line for line in data.split(b"\n") if line]
+
+
+def http_post(
+    daemon: Daemon, body: bytes, *, tcp: bool = False, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 POST / over the Unix socket (or TCP); returns (status, body)."""
+    import http.client
+
+    if tcp:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    else:
+        conn = http.client.HTTPConnection("localhost", timeout=10)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket_path))
+        conn.sock = sock
+    try:
+        conn.request("POST", "/", body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()

@@ -1,0 +1,264 @@
+"""The daemon process: start-up, one owner per database, sockets, drain, SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+
+import anyio
+import psutil
+import pytest
+from harness import daemon_env, http_post, make_home, remove_home, start_daemon
+
+import semantica
+from semantica.domain import State
+
+
+@pytest.fixture
+def daemon():
+    d = start_daemon()
+    yield d
+    d.stop()
+    remove_home(d.home)
+
+
+def test_home_socket_and_token_are_private(daemon):
+    assert stat.S_IMODE(daemon.home.stat().st_mode) == 0o700
+    mode = daemon.socket_path.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE((daemon.home / "token").stat().st_mode) == 0o600
+    assert len(daemon.token) >= 32
+
+
+def test_sdk_round_trip(daemon):
+    with daemon.client() as c:
+        job = c.enqueue(job_type="noop", subject_key="src/main.rs", payload={"n": 1})
+        assert job.state is State.QUEUED and job.payload == {"n": 1}
+        assert c.get(job.id) == job
+        assert [j.id for j in c.list(subject="src/main.rs").jobs] == [job.id]
+        assert c.cancel(job.id).cancelled == [job.id]
+        assert c.wait(job.id, timeout_ms=1000).state is State.CANCELLED
+        with pytest.raises(semantica.NotFound):
+            c.get("no-such-id")
+        with pytest.raises(semantica.ValidationFailed) as info:
+            c.enqueue(job_type="noop", priority=5000)
+        assert info.value.data == {"field": "priority"}
+
+
+def test_supersede_through_the_api(daemon):
+    with daemon.client() as c:
+        jobs = [c.enqueue(job_type="noop", subject_key="src/main.rs") for _ in range(3)]
+        states = [c.get(j.id).state for j in jobs]
+    assert states == [State.SUPERSEDED, State.SUPERSEDED, State.QUEUED]
+
+
+def test_enqueue_batch_all_or_nothing(daemon):
+    with daemon.client() as c:
+        ok = c.enqueue_batch([{"job_type": "noop"}, {"job_type": "noop", "priority": 3}])
+        assert [j.priority for j in ok.jobs] == [0, 3]
+        before = c.stats().jobs_by_state
+        with pytest.raises(semantica.ValidationFailed, match=r"jobs\[1\]\.priority"):
+            c.enqueue_batch([{"job_type": "noop"}, {"job_type": "noop", "priority": 3000}])
+        assert c.stats().jobs_by_state == before
+
+
+def test_wait_long_polls_until_the_job_ends(daemon):
+    with daemon.client() as c:
+        job = c.enqueue(job_type="noop")
+    timer = threading.Timer(0.3, lambda: daemon.client().cancel(job.id))
+    timer.start()
+    with daemon.client() as c:
+        done = c.wait(job.id, timeout_ms=10_000)
+    timer.join()
+    assert done.state is State.CANCELLED
+
+
+def test_wait_returns_at_the_timeout(daemon):
+    with daemon.client() as c:
+        job = c.enqueue(job_type="noop")
+        assert c.wait(job.id, timeout_ms=50).state is State.QUEUED
+
+
+def test_queues_methods(daemon):
+    with daemon.client() as c:
+        c.enqueue(job_type="noop", queue="build")
+        info = c.configure_queue("build", concurrency=2)
+        assert info.concurrency == 2 and info.counts == {"QUEUED": 1}
+        assert c.pause("build").paused is True
+        assert c.resume("build").paused is False
+        assert [q.name for q in c.queues().queues] == ["build"]
+
+
+def test_stats_and_health(daemon):
+    with daemon.client() as c:
+        c.enqueue(job_type="noop")
+        stats = c.stats()
+        assert stats.jobs_by_state["QUEUED"] == 1 and stats.counters.job_enqueue_total == 1
+        health = c.health(integrity_check=True)
+    assert health.ok and health.check == "integrity_check" and health.problems == []
+    assert health.pid == daemon.proc.pid and health.state == "serving"
+    assert health.disk_free_bytes > 0
+
+
+def test_async_client_under_asyncio_and_trio(daemon):
+    async def use() -> State:
+        async with semantica.AsyncClient(daemon.socket_path) as c:
+            job = await c.enqueue(job_type="noop")
+            return (await c.get(job.id)).state
+
+    assert anyio.run(use, backend="asyncio") is State.QUEUED
+    assert anyio.run(use, backend="trio") is State.QUEUED
+
+
+def test_tcp_needs_the_token(daemon):
+    with daemon.tcp_client() as c:
+        assert c.stats().running == 0
+    with pytest.raises(semantica.SemanticaError) as info:
+        daemon.tcp_client(token="wrong").stats()
+    assert info.value.code == 4030
+    status, body = http_post(
+        daemon, b'{"jsonrpc":"2.0","method":"admin.stats.v1","id":1}', tcp=True
+    )
+    assert status == 401 and b"4030" in body
+    status, body = http_post(
+        daemon,
+        b'{"jsonrpc":"2.0","method":"admin.stats.v1","id":1}',
+        tcp=True,
+        headers={"Authorization": f"Bearer {daemon.token}"},
+    )
+    assert status == 200 and b'"result"' in body
+
+
+def test_tcp_listens_on_loopback_only(daemon):
+    listening = [
+        c.laddr
+        for c in psutil.Process(daemon.proc.pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert listening, "the daemon should listen on TCP"
+    assert all(addr.ip == "127.0.0.1" and addr.port == daemon.port for addr in listening)
+
+
+def test_curl_over_the_unix_socket(daemon):
+    curl = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--unix-socket",
+            str(daemon.socket_path),
+            "-d",
+            '{"jsonrpc":"2.0","method":"admin.stats.v1","id":1}',
+            "http://localhost/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert curl.returncode == 0, curl.stderr
+    assert '"jsonrpc":"2.0"' in curl.stdout and '"jobs_by_state"' in curl.stdout
+
+
+def test_sdk_says_how_to_start_a_missing_daemon(tmp_path):
+    with pytest.raises(semantica.DaemonNotRunning, match="start it with `semantica`"):
+        semantica.Client(tmp_path / "nothing.sock").stats()
+
+    async def use():
+        async with semantica.AsyncClient(tmp_path / "nothing.sock") as c:
+            await c.stats()
+
+    with pytest.raises(semantica.DaemonNotRunning):
+        anyio.run(use)
+
+
+def test_second_daemon_is_refused_naming_the_pid(daemon):
+    env = {**daemon.env, "SEMANTICA_RPC_PORT": "0"}
+    second = subprocess.run(
+        [sys.executable, "-m", "semantica.daemon"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert f"(PID {daemon.proc.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    with daemon.client() as c:  # the first one is untouched
+        assert c.stats().running == 0
+
+
+def test_live_socket_of_another_daemon_is_not_replaced(daemon):
+    other_home = make_home()
+    env = daemon_env(other_home, SEMANTICA_SOCKET_PATH=str(daemon.socket_path))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "semantica.daemon"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 1
+        assert "another daemon is answering" in proc.stderr
+        with daemon.client() as c:
+            assert c.stats().running == 0
+    finally:
+        remove_home(other_home)
+
+
+def test_stale_socket_is_replaced_after_a_crash():
+    d = start_daemon()
+    try:
+        with d.client() as c:
+            job = c.enqueue(job_type="noop")
+        d.kill()
+        assert d.socket_path.exists()  # left behind by SIGKILL
+        d.start()
+        with d.client() as c:
+            assert c.get(job.id).state is State.QUEUED  # acknowledged before the kill
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_sigterm_drains_and_closes_cleanly():
+    d = start_daemon()
+    try:
+        with d.client() as c:
+            job = c.enqueue(job_type="noop")
+        # A long-poll in flight is answered, not cut off, when the drain begins.
+        result: dict = {}
+
+        def waiter():
+            with d.client() as c:
+                result["job"] = c.wait(job.id, timeout_ms=30_000)
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        while "jobs.wait.v1" not in d.log() and t.is_alive():
+            t.join(0.02)
+        d.signal(signal.SIGTERM)
+        d.wait_for_notify("STOPPING=1")
+        assert d.proc.wait(20) == 0
+        t.join(10)
+        assert result["job"].state is State.QUEUED
+        assert not d.socket_path.exists()
+        assert not (d.home / "meta.db-wal").exists() or os.path.getsize(d.home / "meta.db-wal") == 0
+        assert '"event":"daemon_stopped"' in d.log()
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_admin_shutdown_drains_like_sigterm():
+    d = start_daemon()
+    try:
+        with d.client() as c:
+            assert c.shutdown().stopping is True
+        assert d.proc.wait(20) == 0
+    finally:
+        d.stop()
+        remove_home(d.home)

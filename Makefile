@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench clean system-deps
 
 install: $(STAMP)
 
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml runners/pyproject.toml
 run: install
 	$(BIN)/semantica
 
-test: install lint
+test: install system-deps lint
 	$(BIN)/python -m pytest -q
+
+# Tools the tests drive as a user would (curl over the Unix socket). Installed from
+# Debian when missing and we may; otherwise say what to install.
+system-deps:
+	@command -v curl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; \
+	  else echo "make: the tests need curl; install it (e.g. sudo apt-get install curl)"; exit 1; fi; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -188,9 +188,7 @@ class _Methods:
         return self._call("admin.stats.v1", {}, p.StatsResult)
 
     def health(self, *, integrity_check: bool = False) -> p.HealthResult:
-        return self._call(
-            "admin.health.v1", {"integrity_check": integrity_check}, p.HealthResult
-        )
+        return self._call("admin.health.v1", {"integrity_check": integrity_check}, p.HealthResult)
 
     def shutdown(self) -> p.Stopping:
         """Ask the daemon to drain and stop."""

@@ -441,6 +441,7 @@ class Store:
         self.path = path
         self.env_allowlist = domain.DEFAULT_ENV_ALLOWLIST
         self.migrated: tuple[int, int] = (0, 0)  # schema version (before, after) at open
+        self._known_queues: set[str] = set()  # queue rows known to exist (queues are never deleted)
 
     @classmethod
     def open(
@@ -543,6 +544,8 @@ class Store:
                         )
                 except ValidationError as exc:
                     outcomes.append(exc)
+        # Only after the commit: a rolled-back queue row must not be remembered.
+        self._known_queues.update(req.queue for group in groups for req in group.requests)
         return outcomes
 
     def _validate_group(self, group: EnqueueGroup) -> list[bytes]:
@@ -558,7 +561,8 @@ class Store:
 
     def _enqueue_one(self, req: EnqueueRequest, payload: bytes, now: int) -> EnqueueResult:
         db = self._db
-        db.execute(SQL_ENSURE_QUEUE, (req.queue, now))
+        if req.queue not in self._known_queues:
+            db.execute(SQL_ENSURE_QUEUE, (req.queue, now))
         job_id = _new_job_id()
         state = State.QUEUED
         generation = req.generation
@@ -591,11 +595,12 @@ class Store:
                 if req.supersede_running:
                     superseded_running = [r[0] for r in db.execute(SQL_SUPERSEDE_RUNNING, args)]
         run_after = req.schedule_at if req.schedule_at is not None else now
+        mode = domain.ExecutionMode(req.execution_mode)
         db.execute(
             SQL_INSERT_JOB,
             (
                 job_id, state.value, req.queue, req.job_type, req.subject_key, generation,
-                payload, req.priority, str(req.execution_mode), req.max_attempts,
+                payload, req.priority, mode.value, req.max_attempts,
                 req.backoff_base_ms, req.backoff_factor, req.deadline_ms, req.ttl_ms,
                 req.schedule_at, domain.expires_at(req, now), req.wait_for_idle,
                 req.require_charging, _json_encode(req.depends_on), req.user_tag,
@@ -610,8 +615,23 @@ class Store:
             cancelled_later.append(job_id)
         if cancelled_later:
             self._cancel_dependents(cancelled_later, now)
+        # The row as just written; reading it back would cost a query per job.
+        job = Job(
+            id=job_id, state=state, queue=req.queue, job_type=req.job_type,
+            subject_key=req.subject_key, generation=generation, payload=req.payload,
+            priority=req.priority, execution_mode=mode, max_attempts=req.max_attempts,
+            backoff_base_ms=req.backoff_base_ms, backoff_factor=float(req.backoff_factor),
+            deadline_ms=req.deadline_ms, ttl_ms=req.ttl_ms, schedule_at=req.schedule_at,
+            wait_for_idle=req.wait_for_idle, require_charging=req.require_charging,
+            depends_on=list(req.depends_on), user_tag=req.user_tag,
+            parent_job_id=req.parent_job_id, chain_group_id=req.chain_group_id,
+            env=dict(req.env), attempt=0, created_at=now, run_after=run_after,
+            started_at=None, finished_at=finished_at, runner_pid=None, runner_start_time=None,
+            exit_code=None, error_kind=error_kind, error_message=error_message,
+            result_summary=None, artifacts=[], progress=None, progress_message=None,
+        )  # fmt: skip
         return EnqueueResult(
-            job=self._get(job_id),
+            job=job,
             superseded_on_arrival=state is State.SUPERSEDED,
             superseded_ids=superseded,
             superseded_running_ids=superseded_running,

@@ -91,6 +91,18 @@ def test_enqueue_returns_the_stored_job_with_every_field(store):
     assert job.attempt == 0 and job.finished_at is None
 
 
+def test_enqueue_result_equals_the_stored_row_in_every_case(store):
+    dep = enqueue(store).job
+    results = [
+        enqueue(store, subject_key="k", generation=5, backoff_factor=3),
+        enqueue(store, subject_key="k", generation=2),  # superseded on arrival
+        enqueue(store, depends_on=[dep.id], ttl_ms=10, env={"TERM": "dumb"}),
+        enqueue(store, queue="new-queue", payload={"nested": [1, {"a": None}]}),
+    ]
+    for result in results:
+        assert store.get(result.job.id) == result.job
+
+
 def test_three_enqueues_of_one_subject_collapse_to_one_queued_job(store):
     a = enqueue(store, subject_key="src/main.rs").job
     b = enqueue(store, subject_key="src/main.rs")

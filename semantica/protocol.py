@@ -236,11 +236,23 @@ class Call(msgspec.Struct):
     error: RpcError | None = None
 
 
+# Besides DecodeError, msgspec raises these for input nested too deep or not UTF-8.
+UNDECODABLE = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+
+
+def _unreadable(exc: Exception) -> RpcError:
+    if isinstance(exc, RecursionError):
+        return RpcError(PARSE_ERROR, "invalid JSON: nested too deeply")
+    if isinstance(exc, UnicodeDecodeError):
+        return RpcError(PARSE_ERROR, "invalid JSON: not valid UTF-8")
+    return RpcError(PARSE_ERROR, "invalid JSON")
+
+
 def _id_of(raw: bytes) -> Id:
     """Best-effort id of an invalid request, so its error can name it (else null)."""
     try:
         obj = _any_decoder.decode(raw)
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         return None
     if isinstance(obj, dict):
         value = obj.get("id")
@@ -285,6 +297,8 @@ def decode_params(method: str, raw: msgspec.Raw) -> Any:
         raise RpcError(
             INVALID_PARAMS, f"invalid params for {method}: {exc}", {"field": field}
         ) from None
+    except UNDECODABLE as exc:
+        raise _unreadable(exc) from None
 
 
 def decode_call(raw: bytes) -> Call:
@@ -303,7 +317,9 @@ def decode_call(raw: bytes) -> Call:
                     None if field is None else {"field": field},
                 ),
             )
-        return Call(id=None, is_notification=False, error=RpcError(PARSE_ERROR, "invalid JSON"))
+        return Call(id=None, is_notification=False, error=_unreadable(exc))
+    except (RecursionError, UnicodeDecodeError) as exc:
+        return Call(id=None, is_notification=False, error=_unreadable(exc))
     notification = req.id is msgspec.UNSET
     call_id = None if notification else req.id
     try:
@@ -326,8 +342,8 @@ def decode_message(data: bytes) -> tuple[list[Call], bool] | Call:
         items = _batch_decoder.decode(data)
     except msgspec.ValidationError:
         return Call(id=None, is_notification=False, error=RpcError(INVALID_REQUEST, "bad batch"))
-    except msgspec.DecodeError:
-        return Call(id=None, is_notification=False, error=RpcError(PARSE_ERROR, "invalid JSON"))
+    except UNDECODABLE as exc:
+        return Call(id=None, is_notification=False, error=_unreadable(exc))
     if not items:
         return Call(
             id=None,

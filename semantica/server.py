@@ -159,6 +159,8 @@ class Conn:
         self.idle_since: float | None = time.monotonic()
         self.scope = trio.CancelScope()
         self.evicted = False
+        self.is_http = False
+        self.request_started = trio.current_time()  # first byte of the HTTP request in progress
 
 
 class Server:
@@ -217,17 +219,10 @@ class Server:
                 if uid is not None and uid not in (self._uid, 0):
                     log.warning("connection_refused", reason="foreign uid", peer_uid=uid)
                     return
-            if len(self.conns) >= self.limits.max_connections and not self._evict_idle():
-                await self._send_quietly(
-                    stream,
-                    p.RpcError(
-                        p.RATE_LIMITED,
-                        f"too many connections ({self.limits.max_connections}) are busy: "
-                        "retry shortly, and reuse one connection per client",
-                    ),
-                )
-                return
             conn = Conn(stream, transport, self.limits)
+            if len(self.conns) >= self.limits.max_connections and not self._evict_idle():
+                await self._refuse_over_cap(conn)
+                return
             self.conns.add(conn)
             try:
                 with conn.scope:
@@ -245,11 +240,41 @@ class Server:
                 )
             finally:
                 self.conns.discard(conn)
-            if conn.evicted:
+            if conn.evicted and not conn.is_http:  # HTTP clients expect idle closes
                 await self._send_quietly(
                     stream,
-                    p.RpcError(p.RATE_LIMITED, "closed to make room for another client"),
+                    p.encode(
+                        p.error_response(
+                            None,
+                            p.RpcError(p.RATE_LIMITED, "closed to make room for another client"),
+                        )
+                    )
+                    + b"\n",
                 )
+
+    async def _refuse_over_cap(self, conn: Conn) -> None:
+        """Say 'too many connections' in the framing the client speaks (a second at most)."""
+        err = p.RpcError(
+            p.RATE_LIMITED,
+            f"too many connections ({self.limits.max_connections}) are busy: "
+            "retry shortly, and reuse one connection per client",
+        )
+        log.warning("connection_refused", reason="connection cap", transport=conn.transport)
+        first = b""
+        with trio.move_on_after(1), contextlib.suppress(ConnectionClosed, OSError):
+            first = await self._receive(conn, trio.current_time() + 1)
+        body = p.encode(p.error_response(None, err))
+        if first[:1].isalpha():
+            data = (
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\nretry-after: 1\r\ncontent-length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+        else:
+            data = body + b"\n"
+        await self._send_quietly(conn.stream, data)
 
     def _evict_idle(self) -> bool:
         idle = [c for c in self.conns if c.idle_since is not None and not c.evicted]
@@ -262,12 +287,12 @@ class Server:
         log.event("connection_evicted", reason="connection cap reached")
         return True
 
-    async def _send_quietly(self, stream: trio.SocketStream, err: p.RpcError) -> None:
+    async def _send_quietly(self, stream: trio.SocketStream, data: bytes) -> None:
         with (
             trio.move_on_after(1),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
         ):
-            await stream.send_all(p.encode(p.error_response(None, err)) + b"\n")
+            await stream.send_all(data)
 
     async def _receive(self, conn: Conn, deadline: float) -> bytes:
         with trio.move_on_at(deadline):
@@ -280,6 +305,7 @@ class Server:
     async def _serve_framing(self, conn: Conn) -> None:
         first = await self._receive(conn, trio.current_time() + self.limits.idle_timeout_s)
         if first[:1].isalpha():
+            conn.is_http = True
             await self._serve_http(conn, first)
         else:
             await self._serve_ndjson(conn, first)
@@ -344,23 +370,23 @@ class Server:
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=HTTP_HEADER_LIMIT)
         h.receive_data(first)
         while True:
-            started = trio.current_time()
-            request = await self._next_http_event(conn, h, started, idle=True)
+            conn.request_started = trio.current_time()  # if already buffered (pipelined)
+            request = await self._next_http_event(conn, h, None)
             if isinstance(request, h11.ConnectionClosed):
                 return
             if not isinstance(request, h11.Request):
                 raise ConnectionClosed("unexpected HTTP event")
             conn.idle_since = None
-            await self._answer_http(conn, h, request, started)
+            await self._answer_http(conn, h, request, conn.request_started)
             # An early answer (401, 404, 413) leaves the body unread: the stream cannot be reused.
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE or self._draining:
                 return
             h.start_next_cycle()
             conn.idle_since = time.monotonic()
 
-    async def _next_http_event(
-        self, conn: Conn, h: h11.Connection, started: float, *, idle: bool
-    ) -> Any:
+    async def _next_http_event(self, conn: Conn, h: h11.Connection, started: float | None) -> Any:
+        """The next h11 event. Before a request's first byte the idle timeout applies;
+        from that byte on, the whole request must arrive within the request timeout."""
         while True:
             try:
                 event = h.next_event()
@@ -369,10 +395,11 @@ class Server:
                 raise ConnectionClosed("bad HTTP") from None
             if event is not h11.NEED_DATA:
                 return event
-            waiting_for_request = idle and h.their_state is h11.IDLE
+            if started is None and (h.their_state is not h11.IDLE or h.trailing_data[0]):
+                started = conn.request_started = trio.current_time()
             deadline = (
                 trio.current_time() + self.limits.idle_timeout_s
-                if waiting_for_request
+                if started is None
                 else started + self.limits.request_timeout_s
             )
             try:
@@ -381,6 +408,8 @@ class Server:
                 if h.their_state is h11.IDLE:
                     return h11.ConnectionClosed()
                 raise
+            if started is None:
+                started = conn.request_started = trio.current_time()
             h.receive_data(data)
 
     async def _answer_http(
@@ -409,7 +438,7 @@ class Server:
             await conn.stream.send_all(h.send(h11.InformationalResponse(status_code=100)))
         body = bytearray()
         while True:
-            event = await self._next_http_event(conn, h, started, idle=False)
+            event = await self._next_http_event(conn, h, started)
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.limits.max_message_bytes:

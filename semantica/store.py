@@ -544,8 +544,13 @@ class Store:
                         )
                 except ValidationError as exc:
                     outcomes.append(exc)
-        # Only after the commit: a rolled-back queue row must not be remembered.
-        self._known_queues.update(req.queue for group in groups for req in group.requests)
+        # Only stored groups, after the commit: a rolled-back queue row must not be remembered.
+        self._known_queues.update(
+            result.job.queue
+            for outcome in outcomes
+            if isinstance(outcome, list)
+            for result in outcome
+        )
         return outcomes
 
     def _validate_group(self, group: EnqueueGroup) -> list[bytes]:

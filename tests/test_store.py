@@ -537,3 +537,10 @@ def test_stats_counts_by_state_and_queue(store):
     assert stats.running == 1
     assert sum(sum(q.values()) for q in stats.by_queue.values()) == 2
     assert stats.db_size_bytes > 0
+
+
+def test_a_rolled_back_group_does_not_leave_its_queue_remembered(store):
+    # The first request creates queue "fresh" and then fails, so its savepoint drops the row.
+    with pytest.raises(ValidationError):
+        enqueue(store, queue="fresh", depends_on=["missing"])
+    assert enqueue(store, queue="fresh").job.queue == "fresh"

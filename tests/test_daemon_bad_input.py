@@ -1151,7 +1151,7 @@ def test_busy_connection_cap_refuses_with_4029(capped):
     assert_serving(capped)
 
 
-# Regression (fixed): a connection refused at the cap (and an idle HTTP keep-alive connection that is
+# Regression (fixed): a connection refused at the cap (and an idle HTTP keep-alive one that is
 # evicted) is sent a bare NDJSON line, because the refusal is written before the first
 # byte is read. An HTTP client (curl, http.client) gets no HTTP response, only garbage.
 

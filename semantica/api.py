@@ -28,6 +28,17 @@ from semantica.store import (
     StoreError,
 )
 
+WRITING_METHODS = frozenset(
+    {
+        "dev.enqueue.v1",
+        "dev.enqueue_batch.v1",
+        "dev.cancel.v1",
+        "queues.pause.v1",
+        "queues.resume.v1",
+        "queues.configure.v1",
+    }
+)
+
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -52,6 +63,44 @@ class JobWatch:
         await self._events.setdefault(job_id, trio.Event()).wait()
 
 
+class WalSync:
+    """Acknowledge only what is on disk, with one fsync for many commits.
+
+    Writes commit without an fsync of their own (`Store.open(group_sync=True)`); a
+    handler then awaits `durable()` before replying. One fsync runs at a time, in a
+    worker thread so the event loop keeps reading, committing and grouping while the
+    disk works; when it ends, it covers every commit made before it began, and the
+    next one covers all that arrived meanwhile.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._synced = 0
+        self._running = False
+        self._finished = trio.Event()
+        self.fsyncs = 0
+
+    async def durable(self) -> None:
+        """Return once every commit made so far is on disk."""
+        if not self._store.needs_sync:
+            return
+        wanted = self._store.commits
+        while self._synced < wanted:
+            if self._running:
+                await self._finished.wait()
+                continue
+            self._running = True
+            covers = self._store.commits
+            try:
+                await trio.to_thread.run_sync(self._store.sync_wal)
+                self._synced = covers
+                self.fsyncs += 1
+            finally:
+                self._running = False
+                finished, self._finished = self._finished, trio.Event()
+                finished.set()
+
+
 class _PendingEnqueue:
     __slots__ = ("done", "group", "outcome")
 
@@ -62,12 +111,11 @@ class _PendingEnqueue:
 
 
 class GroupCommitter:
-    """Enqueues from many connections share one transaction and one fsync.
+    """Enqueues from many connections share one transaction.
 
-    A handler appends its request and waits; the committer task takes everything
-    pending, stores it with `Store.enqueue_groups` and wakes each handler with its
-    own outcome. Under load the groups grow by themselves: whatever arrives while a
-    commit is in progress joins the next one.
+    The first handler to arrive leads: it lets every handler that is already
+    runnable add its request, then commits them all in one transaction and wakes
+    each with its own outcome. Anything arriving later waits for the next leader.
     """
 
     def __init__(self, store: Store, clock: Callable[[], int], metrics: p.Counters) -> None:
@@ -75,27 +123,26 @@ class GroupCommitter:
         self._clock = clock
         self._metrics = metrics
         self._pending: list[_PendingEnqueue] = []
-        self._has_work = trio.Event()
+        self._leading = False
         self.on_committed: Callable[[list[EnqueueResult]], None] = lambda results: None
 
     async def submit(self, group: EnqueueGroup) -> list[EnqueueResult]:
         pending = _PendingEnqueue(group)
         self._pending.append(pending)
-        self._has_work.set()
-        await pending.done.wait()
+        if self._leading:
+            await pending.done.wait()
+        else:
+            self._leading = True
+            try:
+                # Shielded: a leader cancelled here would strand the requests it carries.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self.commit_pending()
+            finally:
+                self._leading = False
         if isinstance(pending.outcome, Exception):
             raise pending.outcome
         assert pending.outcome is not None
         return pending.outcome
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await self._has_work.wait()
-            # One turn of the scheduler lets handlers that are already runnable join.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._has_work = trio.Event()
-            self.commit_pending()
 
     def commit_pending(self) -> None:
         batch, self._pending = self._pending, []
@@ -168,46 +215,56 @@ class Api:
         self.watch = JobWatch()
         self.committer = GroupCommitter(store, clock, self.metrics)
         self.committer.on_committed = self._after_enqueue
+        self.wal_sync = WalSync(store)
         self.request_shutdown = request_shutdown
         self.started_at = clock()
         self.started_monotonic = time.monotonic()
         self.draining = False
 
     async def handle(self, method: str, params: Any) -> Any:
-        """Run one method; raise RpcError on failure."""
+        """Run one method; raise RpcError on failure.
+
+        A method that writes replies only once its write is on disk (WalSync).
+        """
         try:
-            match method:
-                case "dev.enqueue.v1":
-                    return await self.enqueue(params)
-                case "dev.enqueue_batch.v1":
-                    return await self.enqueue_batch(params)
-                case "dev.cancel.v1":
-                    return self.cancel(params)
-                case "jobs.get.v1":
-                    return self.store.get(params.id)
-                case "jobs.list.v1":
-                    return self.list_jobs(params)
-                case "jobs.wait.v1":
-                    return await self.wait(params)
-                case "queues.list.v1":
-                    return p.QueueList(queues=self.store.queues())
-                case "queues.pause.v1":
-                    return self.store.set_queue_paused(params.queue, True, now=self.clock())
-                case "queues.resume.v1":
-                    return self.store.set_queue_paused(params.queue, False, now=self.clock())
-                case "queues.configure.v1":
-                    return self.store.configure_queue(
-                        params.queue, concurrency=params.concurrency, now=self.clock()
-                    )
-                case "admin.stats.v1":
-                    return self.stats()
-                case "admin.health.v1":
-                    return await self.health(params)
-                case "admin.shutdown.v1":
-                    self.request_shutdown()
-                    return p.Stopping(stopping=True)
+            result = await self._dispatch(method, params)
+            if method in WRITING_METHODS:
+                await self.wal_sync.durable()
         except (StoreError, ValidationError, IllegalTransition) as exc:
             raise rpc_error_for(exc) from None
+        return result
+
+    async def _dispatch(self, method: str, params: Any) -> Any:
+        match method:
+            case "dev.enqueue.v1":
+                return await self.enqueue(params)
+            case "dev.enqueue_batch.v1":
+                return await self.enqueue_batch(params)
+            case "dev.cancel.v1":
+                return self.cancel(params)
+            case "jobs.get.v1":
+                return self.store.get(params.id)
+            case "jobs.list.v1":
+                return self.list_jobs(params)
+            case "jobs.wait.v1":
+                return await self.wait(params)
+            case "queues.list.v1":
+                return p.QueueList(queues=self.store.queues())
+            case "queues.pause.v1":
+                return self.store.set_queue_paused(params.queue, True, now=self.clock())
+            case "queues.resume.v1":
+                return self.store.set_queue_paused(params.queue, False, now=self.clock())
+            case "queues.configure.v1":
+                return self.store.configure_queue(
+                    params.queue, concurrency=params.concurrency, now=self.clock()
+                )
+            case "admin.stats.v1":
+                return self.stats()
+            case "admin.health.v1":
+                return await self.health(params)
+            case "admin.shutdown.v1":
+                self.request_shutdown()
+                return p.Stopping(stopping=True)
         raise p.RpcError(p.METHOD_NOT_FOUND, f"no handler for {method!r}")
 
     # ----------------------------------------------------------------- jobs
@@ -225,17 +282,21 @@ class Api:
     def _after_enqueue(self, results: list[EnqueueResult]) -> None:
         changed = []
         for result in results:
-            changed += result.superseded_ids + result.superseded_running_ids
+            job = result.job
+            log.debug("job_enqueued", job_id=job.id, queue=job.queue, job_type=job.job_type)
+            superseded = result.superseded_ids + result.superseded_running_ids
             if result.superseded_on_arrival:
-                changed.append(result.job.id)
-            log.event(
-                "job_enqueued",
-                job_id=result.job.id,
-                queue=result.job.queue,
-                job_type=result.job.job_type,
-                state=result.job.state.value,
-                generation=result.job.generation,
-            )
+                superseded.append(job.id)
+            for job_id in superseded:
+                log.event(
+                    "job_state_changed",
+                    job_id=job_id,
+                    queue=job.queue,
+                    job_type=job.job_type,
+                    state="SUPERSEDED",
+                    superseded_by=job.id,
+                )
+            changed += superseded
         self.watch.changed(changed)
 
     def cancel(self, params: p.CancelParams) -> p.Cancelled:

@@ -202,7 +202,10 @@ async def serve(cfg: Config) -> None:
     try:
         raise_fd_limit()
         store = Store.open(
-            cfg.db_path, synchronous=cfg.synchronous, env_allowlist=cfg.env_allowlist
+            cfg.db_path,
+            synchronous=cfg.synchronous,
+            env_allowlist=cfg.env_allowlist,
+            group_sync=True,
         )
         token = ensure_token(cfg.token_path)
         shutdown = trio.Event()
@@ -231,7 +234,6 @@ async def serve(cfg: Config) -> None:
             listeners += [(listener, "tcp") for listener in tcp]
         with trio.CancelScope() as force:
             async with trio.open_nursery() as daemon:
-                await daemon.start(api.committer.run)
                 daemon.start_soon(_watch_signals, shutdown, force)
                 async with trio.open_nursery() as serving:
                     await serving.start(server.serve, listeners)
@@ -252,7 +254,6 @@ async def serve(cfg: Config) -> None:
                     log.event("daemon_draining", connections=len(server.conns))
                     api.begin_drain()
                     server.drain()
-                api.committer.commit_pending()
                 daemon.cancel_scope.cancel()
     finally:
         if any(t == "unix" for _, t in listeners):

@@ -226,12 +226,34 @@ def _check_label(field: str, value: str | None) -> None:
         raise ValidationError(field, "must not contain NUL characters")
 
 
+_names_seen_valid: set[str] = set()
+
+
 def check_name(field: str, value: str) -> None:
     """Queue and job type names: 1-64 of letters, digits, '_', '.', '-'."""
+    if type(value) is str and value in _names_seen_valid:
+        return
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
         raise ValidationError(
             field, f"{value!r} is not a valid name: use 1-64 of A-Z a-z 0-9 _ . -"
         )
+    if len(_names_seen_valid) < 10_000:  # a few queues and job types; bounded all the same
+        _names_seen_valid.add(value)
+
+
+# Integer fields: (name, lowest, highest). Checked inline on the hot path; the
+# detailed message comes from _check_int only when a value is out of line.
+_INT_FIELDS = (
+    ("priority", PRIORITY_MIN, PRIORITY_MAX),
+    ("max_attempts", 1, MAX_ATTEMPTS_MAX),
+    ("backoff_base_ms", 0, BACKOFF_BASE_MAX_MS),
+    ("deadline_ms", 1, DEADLINE_MAX_MS),
+)
+_OPTIONAL_INT_FIELDS = (
+    ("generation", 0, GENERATION_MAX),
+    ("ttl_ms", 1, TTL_MAX_MS),
+    ("schedule_at", 0, TIME_MAX_MS),
+)
 
 
 def validate_enqueue(
@@ -244,43 +266,51 @@ def validate_enqueue(
     """
     check_name("job_type", req.job_type)
     check_name("queue", req.queue)
-    if req.subject_key is not None:
-        if "\x00" in req.subject_key:
-            raise ValidationError("subject_key", "must not contain NUL characters")
-        if not req.subject_key:
+    key = req.subject_key
+    if key is not None:
+        if type(key) is not str or "\x00" in key:
+            raise ValidationError("subject_key", "must be a string without NUL characters")
+        if not key:
             raise ValidationError("subject_key", "must not be empty; leave it out instead")
-        if len(req.subject_key.encode("utf-8", "surrogatepass")) > SUBJECT_KEY_MAX_BYTES:
+        if len(key) * 4 > SUBJECT_KEY_MAX_BYTES and (
+            len(key.encode("utf-8", "surrogatepass")) > SUBJECT_KEY_MAX_BYTES
+        ):
             raise ValidationError(
                 "subject_key", f"must be at most {SUBJECT_KEY_MAX_BYTES} bytes in UTF-8"
             )
-    if req.generation is not None:
-        _check_int("generation", req.generation, 0, GENERATION_MAX)
-        if req.subject_key is None:
-            raise ValidationError("generation", "only makes sense with a subject_key")
-    _check_int("priority", req.priority, PRIORITY_MIN, PRIORITY_MAX)
+    elif req.generation is not None:
+        raise ValidationError("generation", "only makes sense with a subject_key")
+    for field, low, high in _INT_FIELDS:
+        value = getattr(req, field)
+        if type(value) is not int or not low <= value <= high:
+            _check_int(field, value, low, high)
+    for field, low, high in _OPTIONAL_INT_FIELDS:
+        value = getattr(req, field)
+        if value is not None and (type(value) is not int or not low <= value <= high):
+            _check_int(field, value, low, high)
     if req.execution_mode not in ExecutionMode.__members__:
         raise ValidationError(
             "execution_mode", f"must be SUBPROCESS or WARM, got {req.execution_mode!r}"
         )
-    _check_int("max_attempts", req.max_attempts, 1, MAX_ATTEMPTS_MAX)
-    _check_int("backoff_base_ms", req.backoff_base_ms, 0, BACKOFF_BASE_MAX_MS)
     factor = req.backoff_factor
-    if not (math.isfinite(factor) and BACKOFF_FACTOR_MIN <= factor <= BACKOFF_FACTOR_MAX):
+    if not (
+        isinstance(factor, int | float)
+        and math.isfinite(factor)
+        and BACKOFF_FACTOR_MIN <= factor <= BACKOFF_FACTOR_MAX
+    ):
         raise ValidationError(
             "backoff_factor",
             f"must be between {BACKOFF_FACTOR_MIN} and {BACKOFF_FACTOR_MAX}, got {factor}",
         )
-    _check_int("deadline_ms", req.deadline_ms, 1, DEADLINE_MAX_MS)
-    if req.ttl_ms is not None:
-        _check_int("ttl_ms", req.ttl_ms, 1, TTL_MAX_MS)
-    if req.schedule_at is not None:
-        _check_int("schedule_at", req.schedule_at, 0, TIME_MAX_MS)
-    if req.supersede_running and req.subject_key is None:
+    if req.supersede_running and key is None:
         raise ValidationError("supersede_running", "only makes sense with a subject_key")
-    _check_depends_on(req.depends_on)
+    if req.depends_on:
+        _check_depends_on(req.depends_on)
     for field in ("user_tag", "parent_job_id", "chain_group_id"):
-        _check_label(field, getattr(req, field))
-    _check_env(req.env, env_allowlist)
+        if (value := getattr(req, field)) is not None:
+            _check_label(field, value)
+    if req.env:
+        _check_env(req.env, env_allowlist)
     return _encode_payload(req.payload)
 
 

@@ -544,3 +544,17 @@ def test_a_rolled_back_group_does_not_leave_its_queue_remembered(store):
     with pytest.raises(ValidationError):
         enqueue(store, queue="fresh", depends_on=["missing"])
     assert enqueue(store, queue="fresh").job.queue == "fresh"
+
+
+def test_job_ids_are_uuid7_ordered_by_time():
+    import uuid
+
+    from semantica.store import new_job_id
+
+    ids = [new_job_id(1_700_000_000_000 + i) for i in range(50)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    assert int(ids[0].replace("-", "")[:12], 16) == 1_700_000_000_000
+    same_ms = {new_job_id(5) for _ in range(1000)}
+    assert len(same_ms) == 1000

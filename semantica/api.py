@@ -18,6 +18,7 @@ import trio
 from semantica import __version__, log
 from semantica import protocol as p
 from semantica.domain import EnqueueRequest, IllegalTransition, Job, ValidationError
+from semantica.durability import Checkpointer, WalSync
 from semantica.store import (
     EnqueueGroup,
     EnqueueResult,
@@ -61,44 +62,6 @@ class JobWatch:
 
     async def wait_for_change(self, job_id: str) -> None:
         await self._events.setdefault(job_id, trio.Event()).wait()
-
-
-class WalSync:
-    """Acknowledge only what is on disk, with one fsync for many commits.
-
-    Writes commit without an fsync of their own (`Store.open(group_sync=True)`); a
-    handler then awaits `durable()` before replying. One fsync runs at a time, in a
-    worker thread so the event loop keeps reading, committing and grouping while the
-    disk works; when it ends, it covers every commit made before it began, and the
-    next one covers all that arrived meanwhile.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._synced = 0
-        self._running = False
-        self._finished = trio.Event()
-        self.fsyncs = 0
-
-    async def durable(self) -> None:
-        """Return once every commit made so far is on disk."""
-        if not self._store.needs_sync:
-            return
-        wanted = self._store.commits
-        while self._synced < wanted:
-            if self._running:
-                await self._finished.wait()
-                continue
-            self._running = True
-            covers = self._store.commits
-            try:
-                await trio.to_thread.run_sync(self._store.sync_wal)
-                self._synced = covers
-                self.fsyncs += 1
-            finally:
-                self._running = False
-                finished, self._finished = self._finished, trio.Event()
-                finished.set()
 
 
 class _PendingEnqueue:
@@ -216,6 +179,7 @@ class Api:
         self.committer = GroupCommitter(store, clock, self.metrics)
         self.committer.on_committed = self._after_enqueue
         self.wal_sync = WalSync(store)
+        self.checkpointer = Checkpointer(store)
         self.request_shutdown = request_shutdown
         self.started_at = clock()
         self.started_monotonic = time.monotonic()
@@ -343,6 +307,8 @@ class Api:
             db_size_bytes=stats.db_size_bytes,
             uptime_s=round(time.monotonic() - self.started_monotonic, 3),
             counters=self.metrics,
+            wal_fsyncs_total=self.wal_sync.fsyncs,
+            wal_checkpoints_total=self.checkpointer.checkpoints,
         )
 
     async def health(self, params: p.HealthParams) -> p.HealthResult:

@@ -234,6 +234,7 @@ async def serve(cfg: Config) -> None:
             listeners += [(listener, "tcp") for listener in tcp]
         with trio.CancelScope() as force:
             async with trio.open_nursery() as daemon:
+                await daemon.start(api.checkpointer.run)
                 daemon.start_soon(_watch_signals, shutdown, force)
                 async with trio.open_nursery() as serving:
                     await serving.start(server.serve, listeners)

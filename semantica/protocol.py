@@ -170,6 +170,8 @@ class StatsResult(msgspec.Struct, kw_only=True):
     db_size_bytes: int
     uptime_s: float
     counters: Counters
+    wal_fsyncs_total: int = 0  # group fsyncs that acknowledged writes (synchronous=FULL)
+    wal_checkpoints_total: int = 0  # checkpoints run off the event loop
 
 
 class HealthResult(msgspec.Struct, kw_only=True):

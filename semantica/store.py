@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +354,8 @@ WHERE jobs.id = x.id AND +jobs.{_moving(State.CANCELLED, State.QUEUED)}
 RETURNING jobs.id
 """
 
+SQL_ANY_DEPENDENCY = "SELECT EXISTS (SELECT 1 FROM job_deps)"
+
 SQL_HAS_DEPENDENTS = """
 SELECT EXISTS (SELECT 1 FROM job_deps WHERE depends_on IN (SELECT value FROM json_each(?)))
 """
@@ -461,8 +463,12 @@ class Store:
         self._known_queues: set[str] = set()  # queue rows known to exist (queues are never deleted)
         self._tx = _Transaction(db)
         self._pending_inserts: list[tuple] = []  # job rows of the group being stored
+        self._pending_keys: set[tuple[str, str, str]] = set()  # their supersede keys
+        self._no_dependencies_yet = False  # within one enqueue transaction: job_deps is empty
         self._wal_fd: int | None = None
+        self._checkpointer: apsw.Connection | None = None
         self.needs_sync = False  # group_sync: sync_wal() before acknowledging writes
+        self._synchronous = "FULL"
 
     @classmethod
     def open(
@@ -502,15 +508,55 @@ class Store:
         store.env_allowlist = env_allowlist
         store.migrated = migrated
         store.needs_sync = deferred
+        store._synchronous = synchronous
         return store
 
     def close(self) -> None:
         """Checkpoint-friendly close: optimise query plans, then release the file."""
         self._db.execute("PRAGMA optimize")
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         self._db.close()
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
+
+    def checkpoint_elsewhere(
+        self, on_wal_grown: Callable[[int], None], *, threshold_pages: int = 1000
+    ) -> None:
+        """Move WAL checkpoints out of commits: after a commit leaves `threshold_pages`
+        or more in the WAL, `on_wal_grown(pages)` is called and the caller runs
+        `checkpoint()` (e.g. in a worker thread). Commits then never pay for one.
+        """
+
+        def hook(_db: apsw.Connection, _name: str, pages: int) -> int:
+            if pages >= threshold_pages:
+                on_wal_grown(pages)
+            return apsw.SQLITE_OK
+
+        self._db.set_wal_hook(hook)  # replaces SQLite's automatic checkpoint
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int]:
+        """Copy the WAL into the database file; returns (WAL frames, frames copied).
+
+        Uses a connection of its own, so it may run in a worker thread while the
+        owning thread keeps committing. PASSIVE never waits for readers or writers.
+        """
+        modes = {
+            "PASSIVE": apsw.SQLITE_CHECKPOINT_PASSIVE,
+            "FULL": apsw.SQLITE_CHECKPOINT_FULL,
+            "TRUNCATE": apsw.SQLITE_CHECKPOINT_TRUNCATE,
+        }
+        if self._checkpointer is None:
+            self._checkpointer = apsw.Connection(self.path)
+            self._checkpointer.set_busy_timeout(BUSY_TIMEOUT_MS)
+            # Reading once makes the connection see WAL mode; until then it cannot checkpoint.
+            self._checkpointer.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        try:
+            return self._checkpointer.wal_checkpoint(mode=modes[mode])
+        except (apsw.FullError, apsw.IOError, apsw.ReadOnlyError) as exc:
+            raise StorageUnavailable(_storage_advice(exc)) from exc
 
     @property
     def commits(self) -> int:
@@ -589,6 +635,9 @@ class Store:
         alone = len(groups) == 1  # then the transaction itself is the group's savepoint
         try:
             with self._writing():
+                self._no_dependencies_yet = not self._db.execute(SQL_ANY_DEPENDENCY).fetchall()[0][
+                    0
+                ]
                 for group, payloads in zip(groups, prepared, strict=True):
                     if isinstance(payloads, ValidationError):
                         outcomes.append(payloads)
@@ -604,6 +653,7 @@ class Store:
                             self._flush_inserts()
                     except ValidationError as exc:
                         self._pending_inserts.clear()  # rows of the group rolled back
+                        self._pending_keys.clear()
                         if alone:
                             raise
                         outcomes.append(exc)
@@ -611,6 +661,8 @@ class Store:
             return [exc]
         finally:
             self._pending_inserts.clear()
+            self._pending_keys.clear()
+            self._no_dependencies_yet = False
         # Only stored groups, after the commit: a rolled-back queue row must not be remembered.
         self._known_queues.update(
             result.job.queue
@@ -645,8 +697,9 @@ class Store:
             self._flush_inserts()
             self._check_dependencies(req.depends_on)
         if req.subject_key is not None:
-            self._flush_inserts()  # the supersede below must see earlier jobs of this batch
             key = (req.queue, req.job_type, req.subject_key)
+            if key in self._pending_keys:
+                self._flush_inserts()  # the supersede below must see this batch's older job
             if generation is None:
                 generation = db.execute(SQL_NEXT_GENERATION, key).fetchall()[0][0]
             else:
@@ -681,9 +734,12 @@ class Store:
                 now, run_after, finished_at, error_kind, error_message,
             )
         )  # fmt: skip
+        if req.subject_key is not None:
+            self._pending_keys.add((req.queue, req.job_type, req.subject_key))
         if req.depends_on:
             self._flush_inserts()
             db.executemany(SQL_INSERT_DEP, [(job_id, dep) for dep in req.depends_on])
+            self._no_dependencies_yet = False
         cancelled_later = superseded + superseded_running
         if state is State.SUPERSEDED:
             cancelled_later.append(job_id)
@@ -715,6 +771,7 @@ class Store:
         """Insert the job rows gathered so far; one executemany is cheaper than many."""
         if self._pending_inserts:
             rows, self._pending_inserts = self._pending_inserts, []
+            self._pending_keys.clear()
             self._db.executemany(SQL_INSERT_JOB, rows)
 
     def _check_dependencies(self, depends_on: list[str]) -> None:
@@ -738,6 +795,10 @@ class Store:
         expired, dependencies DONE, conditions met, queue not paused and under its
         concurrency, no RUNNING job of the same key, newest generation of its key; and
         fewer than `global_limit` jobs RUNNING in all.
+
+        The claim commits without an fsync of its own: a claim lost to a power cut
+        leaves the job QUEUED, which is what recovery would make of it anyway (its
+        runner died with the machine). The next durable commit covers it.
         """
         args = {
             "now": now,
@@ -745,9 +806,20 @@ class Store:
             "cpu_idle": conditions.cpu_idle,
             "on_ac_power": conditions.on_ac_power,
         }
-        with self._writing():
+        with self._no_fsync(), self._writing():
             rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()
         return _row_to_job(rows[0]) if rows else None
+
+    @contextlib.contextmanager
+    def _no_fsync(self):
+        if self._synchronous in ("OFF", "NORMAL") or self.needs_sync:
+            yield  # commits do not fsync here anyway
+            return
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
 
     def record_runner(self, job_id: str, pid: int, start_time: float) -> None:
         """Remember which process runs a RUNNING job (PID + start time tell PID reuse)."""
@@ -861,6 +933,8 @@ class Store:
         )
 
     def _cancel_dependents(self, ids: list[str], now: int) -> list[str]:
+        if self._no_dependencies_yet:
+            return []
         encoded = _json_encode(ids)
         # The recursive update is costly to plan and run; most jobs have no dependents.
         if not self._db.execute(SQL_HAS_DEPENDENTS, (encoded,)).fetchall()[0][0]:

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import anyio
 import psutil
@@ -262,3 +263,47 @@ def test_admin_shutdown_drains_like_sigterm():
     finally:
         d.stop()
         remove_home(d.home)
+
+
+def test_kill_9_loses_no_acknowledged_enqueue():
+    d = start_daemon()
+    acked: list[str] = []
+    lock = threading.Lock()
+
+    def client_loop():
+        try:
+            with d.client() as c:
+                while True:
+                    job = c.enqueue(job_type="noop", payload={"n": len(acked)})
+                    with lock:
+                        acked.append(job.id)
+        except semantica.SemanticaError:
+            pass  # the daemon died under us: what it acknowledged is in `acked`
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        while len(acked) < 200:
+            threads[0].join(0.01)
+        d.kill()
+        for t in threads:
+            t.join(10)
+        d.start()
+        with d.client() as c:
+            missing = [i for i in acked if c.get(i).state is not State.QUEUED]
+        assert missing == []
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_wal_is_checkpointed_off_the_request_path(daemon):
+    with daemon.client() as c:
+        for _ in range(6):
+            c.enqueue_batch([{"job_type": "noop", "payload": {"pad": "x" * 2000}}] * 500)
+        deadline = time.monotonic() + 10
+        while (stats := c.stats()).wal_checkpoints_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert stats.wal_checkpoints_total >= 1
+    assert stats.wal_fsyncs_total >= 6  # every acknowledged batch was fsynced

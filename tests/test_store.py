@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import apsw
 import pytest
 from conftest import ALL_MET, snapshot
@@ -558,3 +560,38 @@ def test_job_ids_are_uuid7_ordered_by_time():
     assert int(ids[0].replace("-", "")[:12], 16) == 1_700_000_000_000
     same_ms = {new_job_id(5) for _ in range(1000)}
     assert len(same_ms) == 1000
+
+
+def test_group_sync_defers_fsync_to_sync_wal(tmp_path):
+    s = Store.open(tmp_path / "g.db", group_sync=True)
+    try:
+        assert s.needs_sync
+        assert s.connection.execute("PRAGMA synchronous").fetchall()[0][0] == 1  # NORMAL
+        before = s.commits
+        enqueue(s)
+        enqueue(s)
+        assert s.commits == before + 2
+        s.sync_wal()  # fsyncs the WAL that holds both commits
+        assert s._wal_fd is not None
+    finally:
+        s.close()
+    normal = Store.open(tmp_path / "n.db", synchronous="NORMAL", group_sync=True)
+    assert not normal.needs_sync  # NORMAL promises no fsync per commit
+    normal.close()
+
+
+def test_claim_does_not_change_the_durability_of_other_writes(store):
+    enqueue(store)
+    claim(store)
+    assert store.connection.execute("PRAGMA synchronous").fetchall()[0][0] == 2  # FULL again
+
+
+def test_checkpoints_can_move_out_of_commits(store):
+    grown: list[int] = []
+    store.checkpoint_elsewhere(grown.append, threshold_pages=5)
+    for i in range(40):
+        enqueue(store, subject_key=f"k{i}")
+    assert grown and max(grown) >= 5  # SQLite's own checkpoint would have kept it small
+    frames, copied = store.checkpoint("TRUNCATE")
+    assert frames == 0 and copied == 0  # TRUNCATE empties the WAL after copying
+    assert os.path.getsize(store.path + "-wal") == 0

@@ -38,6 +38,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/store_bench.py
+	$(BIN)/python bench/rpc_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -88,6 +88,8 @@ class GroupCommitter:
         self._pending: list[_PendingEnqueue] = []
         self._leading = False
         self.on_committed: Callable[[list[EnqueueResult]], None] = lambda results: None
+        # Whether other clients could join a group; the server knows its connections.
+        self.may_have_company: Callable[[], bool] = lambda: True
 
     async def submit(self, group: EnqueueGroup) -> list[EnqueueResult]:
         pending = _PendingEnqueue(group)
@@ -97,8 +99,9 @@ class GroupCommitter:
         else:
             self._leading = True
             try:
-                # Shielded: a leader cancelled here would strand the requests it carries.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if self.may_have_company():
+                    # Shielded: a leader cancelled here would strand the requests it carries.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 self.commit_pending()
             finally:
                 self._leading = False

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hmac
+import logging
+import math
 import os
 import socket
 import stat
@@ -160,6 +162,7 @@ class Conn:
         self.scope = trio.CancelScope()
         self.evicted = False
         self.is_http = False
+        self.mid_message = False  # part of a message has arrived (for the timeout's log)
         self.request_started = trio.current_time()  # first byte of the HTTP request in progress
 
 
@@ -174,6 +177,8 @@ class Server:
         self._accepting = trio.CancelScope()
         self._draining = False
         self._uid = os.geteuid()
+        # A lone client's enqueue need not wait a scheduler turn for others to join it.
+        api.committer.may_have_company = lambda: len(self.conns) > 1
 
     async def serve(
         self,
@@ -227,6 +232,12 @@ class Server:
             try:
                 with conn.scope:
                     await self._serve_framing(conn)
+                if conn.scope.cancelled_caught and not conn.evicted and not self._draining:
+                    log.event(
+                        "slow_client_dropped" if conn.mid_message else "idle_client_closed",
+                        level=logging.WARNING if conn.mid_message else logging.DEBUG,
+                        transport=transport,
+                    )
             except ConnectionClosed:
                 pass
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
@@ -295,12 +306,19 @@ class Server:
             await stream.send_all(data)
 
     async def _receive(self, conn: Conn, deadline: float) -> bytes:
-        with trio.move_on_at(deadline):
+        """Next bytes from the client, or ConnectionClosed at EOF.
+
+        Past `deadline` the connection's own cancel scope fires and the connection
+        ends (one scope per connection, its deadline moved: no new scope per read).
+        """
+        conn.scope.deadline = deadline
+        try:
             data = await conn.stream.receive_some(READ_CHUNK)
-            if not data:
-                raise ConnectionClosed("peer closed")
-            return data
-        raise ConnectionClosed("timed out")
+        finally:
+            conn.scope.deadline = math.inf
+        if not data:
+            raise ConnectionClosed("peer closed")
+        return data
 
     async def _serve_framing(self, conn: Conn) -> None:
         first = await self._receive(conn, trio.current_time() + self.limits.idle_timeout_s)
@@ -327,12 +345,11 @@ class Server:
                 else:
                     conn.idle_since = conn.idle_since or time.monotonic()
                     deadline = trio.current_time() + limits.idle_timeout_s
+                conn.mid_message = bool(buf.strip())
                 try:
                     data = await self._receive(conn, deadline)
-                except ConnectionClosed as exc:
-                    if buf.strip() and str(exc) == "timed out":
-                        log.warning("slow_client_dropped", transport=conn.transport)
-                    elif buf.strip():  # a last message without its newline
+                except ConnectionClosed:
+                    if conn.mid_message:  # a last message without its newline
                         await self._answer_ndjson(conn, bytes(buf))
                     raise
                 if not buf.strip():
@@ -397,6 +414,7 @@ class Server:
                 return event
             if started is None and (h.their_state is not h11.IDLE or h.trailing_data[0]):
                 started = conn.request_started = trio.current_time()
+            conn.mid_message = started is not None
             deadline = (
                 trio.current_time() + self.limits.idle_timeout_s
                 if started is None

@@ -178,7 +178,10 @@ class Server:
         self._draining = False
         self._uid = os.geteuid()
         # A lone client's enqueue need not wait a scheduler turn for others to join it.
-        api.committer.may_have_company = lambda: len(self.conns) > 1
+        api.committer.may_have_company = api.wal_sync.may_have_company = self._has_company
+
+    def _has_company(self) -> bool:
+        return len(self.conns) > 1
 
     async def serve(
         self,

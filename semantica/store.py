@@ -464,7 +464,8 @@ class Store:
         self._tx = _Transaction(db)
         self._pending_inserts: list[tuple] = []  # job rows of the group being stored
         self._pending_keys: set[tuple[str, str, str]] = set()  # their supersede keys
-        self._no_dependencies_yet = False  # within one enqueue transaction: job_deps is empty
+        # Within one enqueue transaction: job_deps is empty (None: not looked up yet).
+        self._no_dependencies_yet: bool | None = False
         self._wal_fd: int | None = None
         self._checkpointer: apsw.Connection | None = None
         self.needs_sync = False  # group_sync: sync_wal() before acknowledging writes
@@ -635,9 +636,7 @@ class Store:
         alone = len(groups) == 1  # then the transaction itself is the group's savepoint
         try:
             with self._writing():
-                self._no_dependencies_yet = not self._db.execute(SQL_ANY_DEPENDENCY).fetchall()[0][
-                    0
-                ]
+                self._no_dependencies_yet = None  # looked up when first needed
                 for group, payloads in zip(groups, prepared, strict=True):
                     if isinstance(payloads, ValidationError):
                         outcomes.append(payloads)
@@ -772,7 +771,10 @@ class Store:
         if self._pending_inserts:
             rows, self._pending_inserts = self._pending_inserts, []
             self._pending_keys.clear()
-            self._db.executemany(SQL_INSERT_JOB, rows)
+            if len(rows) == 1:
+                self._db.execute(SQL_INSERT_JOB, rows[0])
+            else:
+                self._db.executemany(SQL_INSERT_JOB, rows)
 
     def _check_dependencies(self, depends_on: list[str]) -> None:
         states = dict(self._db.execute(SQL_DEP_STATES, (_json_encode(depends_on),)))
@@ -933,6 +935,8 @@ class Store:
         )
 
     def _cancel_dependents(self, ids: list[str], now: int) -> list[str]:
+        if self._no_dependencies_yet is None:  # once per enqueue transaction
+            self._no_dependencies_yet = not self._db.execute(SQL_ANY_DEPENDENCY).fetchall()[0][0]
         if self._no_dependencies_yet:
             return []
         encoded = _json_encode(ids)

@@ -272,10 +272,23 @@ class Api:
         )
         self.watch.changed(result.cancelled + result.dependents_cancelled)
         for job_id in result.cancelled + result.dependents_cancelled:
-            log.event("job_state_changed", job_id=job_id, state="CANCELLED")
+            self._log_state_change(self.store.get(job_id))
         return p.Cancelled(
             cancelled=result.cancelled, dependents_cancelled=result.dependents_cancelled
         )
+
+    def _log_state_change(self, job: Job) -> None:
+        """SPEC §9: every state change, with the job's identity and why (never its payload)."""
+        fields: dict[str, Any] = {
+            "job_id": job.id,
+            "queue": job.queue,
+            "job_type": job.job_type,
+            "state": job.state.value,
+            "attempt": job.attempt,
+        }
+        if job.error_kind is not None:
+            fields["error_kind"] = job.error_kind
+        log.event("job_state_changed", **fields)
 
     def list_jobs(self, params: p.ListParams) -> p.JobPage:
         filters = JobFilter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -307,3 +308,28 @@ def test_wal_is_checkpointed_off_the_request_path(daemon):
             time.sleep(0.05)
     assert stats.wal_checkpoints_total >= 1
     assert stats.wal_fsyncs_total >= 6  # every acknowledged batch was fsynced
+
+
+def test_systemd_watchdog_is_fed_at_half_its_interval():
+    home = make_home()
+    d = start_daemon(home, WATCHDOG_USEC="200000")  # 0.2 s: a ping every 0.1 s
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            d.wait_for_notify("WATCHDOG=1", timeout=5)
+        assert time.monotonic() - started < 2
+    finally:
+        d.stop()
+        remove_home(home)
+
+
+def test_logs_are_json_lines_with_events(daemon):
+    with daemon.client() as c:
+        c.cancel(c.enqueue(job_type="noop").id)
+    events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    assert {"daemon_started", "job_state_changed"} <= {e["event"] for e in events}
+    changed = next(e for e in events if e["event"] == "job_state_changed")
+    assert changed["state"] == "CANCELLED" and changed["job_id"]
+    assert changed["queue"] == "default" and changed["job_type"] == "noop"
+    assert changed["error_kind"] == "cancelled" and "payload" not in changed
+    assert all({"ts", "level", "event"} <= e.keys() for e in events)

@@ -105,7 +105,25 @@ class _Methods:
     """Every method of the API, shared by both clients.
 
     Each returns `self._call(...)`: a value for Client, an awaitable for AsyncClient.
+    Where to connect: the Unix socket (`socket_path`, else SEMANTICA_SOCKET_PATH, else
+    `$SEMANTICA_HOME/semantica.sock`), or TCP when `host`/`port` are given, with
+    `token` (else read from `$SEMANTICA_HOME/token`).
     """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        token: str | None = None,
+        home: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.target = resolve_target(socket_path, host=host, port=port, token=token, home=home)
+        self.timeout = timeout
+        self._buffer = bytearray()
+        self._ids = itertools.count(1)
 
     def _call(self, method: str, params: Any, result_type: Any, timeout: float | None = None):
         raise NotImplementedError
@@ -202,21 +220,9 @@ class _Methods:
 class Client(_Methods):
     """Blocking client over one persistent connection; safe to share between threads."""
 
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str] | None = None,
-        *,
-        host: str | None = None,
-        port: int | None = None,
-        token: str | None = None,
-        home: str | os.PathLike[str] | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        self.target = resolve_target(socket_path, host=host, port=port, token=token, home=home)
-        self.timeout = timeout
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._sock: socket.socket | None = None
-        self._buffer = bytearray()
-        self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
     def __enter__(self) -> Client:
@@ -284,21 +290,9 @@ class AsyncClient(_Methods):
     connection; open several clients for parallel calls.
     """
 
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str] | None = None,
-        *,
-        host: str | None = None,
-        port: int | None = None,
-        token: str | None = None,
-        home: str | os.PathLike[str] | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        self.target = resolve_target(socket_path, host=host, port=port, token=token, home=home)
-        self.timeout = timeout
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._stream: Any = None
-        self._buffer = bytearray()
-        self._ids = itertools.count(1)
         self._lock: Any = None
 
     async def __aenter__(self) -> AsyncClient:

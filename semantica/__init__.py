@@ -11,6 +11,7 @@ from semantica.errors import (
     SemanticaError,
     ValidationFailed,
 )
+from semantica.plugins import PermanentError, RetryableError
 
 __all__ = [
     "AsyncClient",
@@ -20,6 +21,8 @@ __all__ = [
     "EnqueueRequest",
     "Job",
     "NotFound",
+    "PermanentError",
+    "RetryableError",
     "SemanticaError",
     "State",
     "ValidationFailed",

@@ -6,6 +6,7 @@ messages (one NDJSON line or one HTTP body) and writes back what it returns.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import msgspec
@@ -255,7 +256,10 @@ def _id_of(raw: bytes) -> Id:
     try:
         obj = _any_decoder.decode(raw)
     except UNDECODABLE:
-        return None
+        try:  # the stdlib reads what msgspec refuses, e.g. lone surrogates like "\ud800"
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
     if isinstance(obj, dict):
         value = obj.get("id")
         if isinstance(value, int | float | str) and not isinstance(value, bool):

@@ -263,6 +263,7 @@ SQL_COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'RUNNING'"
 # never take the same job and the rules below hold at the instant of the write.
 SQL_CLAIM_NEXT_JOB = f"""
 UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, started_at = :now,
+    expires_at = NULL,  -- ttl bounds the wait for a first start; retries never expire
     runner_pid = NULL, runner_start_time = NULL, progress = NULL, progress_message = NULL
 WHERE seq = (
     SELECT j.seq FROM jobs AS j INDEXED BY jobs_claim_order
@@ -839,15 +840,24 @@ class Store:
 
     # ----------------------------------------------------------------- finish
 
-    def finish(self, job_id: str, outcome: Outcome, *, now: int, rng: random.Random) -> Job:
+    def finish(
+        self,
+        job_id: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        rng: random.Random,
+        attempt: int | None = None,
+    ) -> Job:
         """Record how a RUNNING job's attempt ended: DONE, retry later, FAILED or SUPERSEDED.
 
         A job that was cancelled or superseded while it ran keeps that final state:
-        the attempt's outcome is no longer wanted and is dropped.
+        the attempt's outcome is no longer wanted and is dropped. So is a report for
+        another `attempt` than the job's current one (a late or duplicate report).
         """
         with self._writing():
             job = self._get(job_id)
-            if job.is_terminal:
+            if job.is_terminal or (attempt is not None and attempt != job.attempt):
                 return job
             newer = False
             if job.subject_key is not None:

@@ -595,3 +595,22 @@ def test_checkpoints_can_move_out_of_commits(store):
     frames, copied = store.checkpoint("TRUNCATE")
     assert frames == 0 and copied == 0  # TRUNCATE empties the WAL after copying
     assert os.path.getsize(store.path + "-wal") == 0
+
+
+def test_ttl_bounds_only_the_first_start_so_retries_do_not_expire(store, rng):
+    job = enqueue(store, ttl_ms=1000).job
+    claim(store, now=NOW + 10)
+    retried = store.finish(job.id, fail(retry_after_ms=5000), now=NOW + 20, rng=rng)
+    assert store.expire_overdue(now=retried.run_after) == []
+    assert claim(store, now=retried.run_after).attempt == 2
+
+
+def test_a_report_for_another_attempt_is_ignored(store, rng):
+    job = enqueue(store).job
+    claim(store)
+    store.finish(job.id, fail(), now=NOW, rng=rng)
+    claim(store, now=NOW + 10_000)
+    stale = store.finish(job.id, Outcome(result_summary="old"), now=NOW, rng=rng, attempt=1)
+    assert stale.state is State.RUNNING and stale.attempt == 2
+    done = store.finish(job.id, Outcome(result_summary="new"), now=NOW, rng=rng, attempt=2)
+    assert done.state is State.DONE and done.result_summary == "new"

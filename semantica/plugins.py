@@ -5,19 +5,50 @@ the entry point's name is the job type (matched case-insensitively). It is calle
 with a `JobContext` inside a runner process — never inside the daemon — and returns
 a JSON-able result summary.
 
+    from semantica.plugins import JobContext, PermanentError
+
+    def word_count(ctx: JobContext) -> dict:
+        paths = ctx.payload.get("paths")
+        if not isinstance(paths, list) or not paths:
+            raise PermanentError("word_count: 'paths' must be a list")  # never retried
+        counts = {}
+        for done, path in enumerate(paths):
+            if ctx.cancelled():  # SIGTERM arrived: stop early
+                raise RuntimeError("cancelled")
+            ctx.logger.info("counting %s", path)  # the logger writes to the job's log
+            with open(path) as f:
+                counts[path] = sum(len(line.split()) for line in f)
+            ctx.progress((done + 1) / len(paths), path)
+        return {"words": counts}
+
+Raising `RetryableError(retry_after_ms=...)` asks for a retry after that delay; any
+other exception fails the attempt and the job is retried with backoff. A plugin may
+also return `Output(result_summary=..., artifacts=[...])` to report artifact paths
+(relative ones are taken relative to `ctx.artifacts_dir`).
+
 This module only reads entry point metadata: it never imports plugin code, so the
-daemon may use it to list runners and check job types.
+daemon may use it to list runners and check job types. It is also imported by every
+runner process, so it stays cheap: msgspec and the standard library only.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+if TYPE_CHECKING:
+    import logging
+    from pathlib import Path
+
 ENTRY_POINT_GROUP = "semantica.runners"
 RESULT_FD = 3  # the runner writes RunnerMessages here; stdout/stderr are the job's log
+RESULT_FD_ENV = "SEMANTICA_RESULT_FD"  # when set, names the result fd instead of RESULT_FD
+MAX_RESULT_SUMMARY_BYTES = 8 * 1024 * 1024  # encoded; a larger summary is a "bad_result"
+MAX_PROGRESS_MESSAGE_CHARS = 1024  # longer progress messages are cut
 
 
 class PermanentError(Exception):
@@ -56,13 +87,99 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
 
     result_summary: Any = None
     artifacts: list[str] = msgspec.field(default_factory=list)
-    error_kind: str | None = None  # "exception" | "permanent" | "retryable" | "bad_result"
+    # From the runner: "exception" | "retryable" (retried), or "permanent" | "bad_result" |
+    # "unknown_job_type" | "plugin_load" | "bad_spec" (with permanent=True).
+    error_kind: str | None = None
     error_message: str | None = None
     permanent: bool = False
     retry_after_ms: int | None = None
 
 
 RunnerMessage = Progress | Result  # NDJSON lines on RESULT_FD, tagged by "type"
+
+
+# --------------------------------------------------------------------------- plugin side
+
+
+class Output(msgspec.Struct, kw_only=True):
+    """What a plugin may return instead of a bare result summary, to report artifacts.
+
+    `artifacts` are paths (str or os.PathLike); relative ones are taken relative to
+    the job's `artifacts_dir`.
+    """
+
+    result_summary: Any = None
+    artifacts: list[str] = msgspec.field(default_factory=list)
+
+
+class JobContext:
+    """What a plugin is called with: the job, a logger, artifacts, cancellation, progress.
+
+    The runner builds it; a plugin's own tests may build one directly, e.g.
+    `JobContext(job_id="t", payload={...}, artifacts_dir=tmp_path)`.
+    """
+
+    __slots__ = (
+        "_emit",
+        "_is_cancelled",
+        "artifacts_dir",
+        "attempt",
+        "deadline_ms",
+        "job_id",
+        "job_type",
+        "logger",
+        "payload",
+    )
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        payload: dict[str, Any],
+        artifacts_dir: Path,
+        attempt: int = 1,
+        job_type: str = "",
+        deadline_ms: int | None = None,
+        logger: logging.Logger | None = None,
+        emit: Callable[[Progress], None] | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        if logger is None:
+            import logging
+
+            logger = logging.getLogger("semantica.job")
+        self.job_id = job_id
+        self.job_type = job_type
+        self.payload = payload
+        self.attempt = attempt
+        self.deadline_ms = deadline_ms
+        self.artifacts_dir = artifacts_dir
+        self.logger = logger
+        self._emit = emit
+        self._is_cancelled = is_cancelled
+
+    def cancelled(self) -> bool:
+        """True once the job was asked to stop (SIGTERM): wind down, then return or raise."""
+        return self._is_cancelled is not None and self._is_cancelled()
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report progress, 0.0 to 1.0, with an optional short message; sent at once."""
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise TypeError(f"progress: fraction must be a number, got {fraction!r}")
+        if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"progress: fraction must be between 0 and 1, got {fraction!r}")
+        if message is not None:
+            if not isinstance(message, str):
+                raise TypeError(f"progress: message must be a string, got {message!r}")
+            message = message[:MAX_PROGRESS_MESSAGE_CHARS]
+        if self._emit is not None:
+            self._emit(Progress(fraction=float(fraction), message=message))
+
+    def __repr__(self) -> str:
+        return (
+            f"JobContext(job_id={self.job_id!r}, job_type={self.job_type!r}, "
+            f"attempt={self.attempt})"
+        )
 
 
 # --------------------------------------------------------------------------- discovery

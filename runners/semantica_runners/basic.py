@@ -1,8 +1,8 @@
 """Runners for tests, benchmarks and smoke checks: noop, sleep, fail.
 
 Each is a plain callable taking the job context, exactly as a third-party plugin
-would be written. The context is duck-typed here (`ctx.payload`) so this
-distribution does not import the daemon.
+would be written. They import only `semantica.plugins` (the contract), never the
+daemon.
 """
 
 from __future__ import annotations
@@ -12,21 +12,20 @@ import signal
 import time
 from typing import Any
 
+from semantica.plugins import JobContext, PermanentError
+from semantica_runners._payload import PayloadError
+
+__all__ = ["FAIL_MODES", "PayloadError", "fail", "noop", "sleep"]
+
 FAIL_MODES = ("exception", "permanent", "exit", "signal", "hang", "memory", "fork")
 
 
-class PayloadError(ValueError):
-    """The payload does not fit what the runner takes; retrying cannot help."""
-
-    permanent = True
-
-
-def noop(ctx: Any) -> dict[str, Any]:
+def noop(ctx: JobContext) -> dict[str, Any]:
     """Do nothing, successfully. The floor for throughput measurements."""
     return {"ok": True}
 
 
-def sleep(ctx: Any) -> dict[str, Any]:
+def sleep(ctx: JobContext) -> dict[str, Any]:
     """Sleep `{"seconds": float}` (0 to 86400), waking early if the job is cancelled."""
     seconds = ctx.payload.get("seconds", 0)
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
@@ -34,21 +33,20 @@ def sleep(ctx: Any) -> dict[str, Any]:
     if not 0 <= seconds <= 86400:
         raise PayloadError(f"sleep: 'seconds' must be between 0 and 86400, got {seconds}")
     deadline = time.monotonic() + seconds
-    cancelled = getattr(ctx, "cancelled", None)
     while (left := deadline - time.monotonic()) > 0:
-        if cancelled is not None and cancelled():
+        if ctx.cancelled():
             return {"slept": seconds - left, "cancelled": True}
         time.sleep(min(left, 0.05))
     return {"slept": seconds}
 
 
-def fail(ctx: Any) -> None:
+def fail(ctx: JobContext) -> None:
     """Fail on purpose, in the way `{"mode": ...}` names; see FAIL_MODES."""
     mode = ctx.payload.get("mode", "exception")
     if mode == "exception":
         raise RuntimeError("fail runner: raising as asked (mode=exception)")
     if mode == "permanent":
-        raise PayloadError("fail runner: permanent failure as asked (mode=permanent)")
+        raise PermanentError("fail runner: permanent failure as asked (mode=permanent)")
     if mode == "exit":
         os._exit(int(ctx.payload.get("code", 3)))
     if mode == "signal":

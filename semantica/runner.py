@@ -1,0 +1,525 @@
+"""What runs inside a runner process: load the job's plugin, call it, report how it went.
+
+Started by the launcher as `python -m semantica.runner` (or, later, forked from a
+pre-started zygote that calls `run_job` directly). The protocol:
+
+- stdin: one RunSpec JSON document, then EOF. The runner reads it all, then points
+  fd 0 at /dev/null.
+- result channel: fd `RESULT_FD` (3), or the fd named by `SEMANTICA_RESULT_FD` when
+  that is set. The runner writes NDJSON `RunnerMessage`s there, tagged by "type":
+  any number of `{"type":"progress",...}` lines, each written as the plugin reports
+  it, then exactly one `{"type":"result",...}` line. The fd is made non-inheritable,
+  so programs a plugin executes do not hold it open.
+- stdout and stderr are the job's log: the plugin's prints, the `ctx.logger` records
+  (timestamped, UTC), and for every failure its message and full traceback.
+- exit status 0 whenever a Result was written, success or failure. Anything else
+  (a plugin calling `os._exit`, a signal, a crash before the Result) is for the
+  launcher to classify from the exit status; the runner does not catch SystemExit.
+- SIGTERM sets the job's cancellation flag (`ctx.cancelled()`); the launcher sends
+  SIGKILL after its grace period.
+- optional environment, read and removed before any plugin code runs:
+  `SEMANTICA_RLIMITS` (JSON: {"cpu", "as", "nofile", "nproc", "core", "fsize"} ->
+  setrlimit; cpu gets a hard limit one second above the soft one) and
+  `SEMANTICA_PARENT_PID` (the daemon's pid: when it dies the runner's process group
+  gets SIGTERM, then SIGKILL after a grace; watched with a pidfd, or kqueue, not with
+  PR_SET_PDEATHSIG, which fires when the spawning *thread* exits).
+
+Failures become a Result with `error_kind`:
+  "permanent"        PermanentError, or an exception whose `permanent` attribute is true
+  "retryable"        RetryableError; `retry_after_ms` as it asked
+  "exception"        any other Exception (retried with backoff)
+  "bad_result"       the return value is not JSON-encodable by msgspec, or too large
+  "unknown_job_type" no plugin of that name; the message lists the installed ones
+  "plugin_load"      the plugin's entry point failed to import, or is not callable
+  "bad_spec"         stdin did not hold a RunSpec
+The last four are permanent too.
+
+Imports stay few (msgspec and the standard library) so a runner starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from semantica.plugins import (
+    ENTRY_POINT_GROUP,
+    MAX_RESULT_SUMMARY_BYTES,
+    RESULT_FD,
+    RESULT_FD_ENV,
+    JobContext,
+    Output,
+    PermanentError,
+    Progress,
+    Result,
+    RetryableError,
+    RunSpec,
+)
+
+if TYPE_CHECKING:
+    import logging
+
+RLIMITS_ENV = "SEMANTICA_RLIMITS"
+PARENT_PID_ENV = "SEMANTICA_PARENT_PID"
+PARENT_GONE_GRACE_S = 2.0  # between SIGTERM and SIGKILL to our group once the daemon is gone
+MAX_ERROR_MESSAGE_CHARS = 4000
+
+_encode = msgspec.json.Encoder().encode
+_decode_spec = msgspec.json.Decoder(RunSpec).decode
+
+
+# --------------------------------------------------------------------------- the channel
+
+
+class ResultChannel:
+    """The write end of the result pipe: one NDJSON line per message, written at once.
+
+    At most one Result goes through a channel; progress reported after it (from a
+    thread the plugin left behind) is dropped. If the reader is gone, writes are
+    dropped too: nobody is left to tell.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.result_sent = False
+        self._lock = threading.Lock()
+
+    def send(self, message: Progress | Result) -> None:
+        line = _encode(message) + b"\n"
+        with self._lock:
+            if self.result_sent:
+                if isinstance(message, Result):
+                    raise RuntimeError("semantica runner: a Result was already sent")
+                return
+            if isinstance(message, Result):
+                self.result_sent = True
+            view = memoryview(line)
+            while view:
+                try:
+                    written = os.write(self.fd, view)
+                except BrokenPipeError:
+                    return
+                view = view[written:]
+
+
+# --------------------------------------------------------------------------- running one job
+
+
+class _CancelFlag:
+    __slots__ = ("requested",)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _install_sigterm_handler(flag: _CancelFlag) -> None:
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not flag.requested:
+            flag.requested = True
+            _write_stderr_raw(b"semantica runner: SIGTERM received: the job is asked to stop\n")
+
+    # Outside the main thread no handler can be installed: cancellation goes unseen.
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def run_job(spec: RunSpec, result_fd: int) -> None:
+    """Run one attempt in this process and write its messages to `result_fd`.
+
+    Writes any progress, then exactly one Result line, whatever the plugin does,
+    except leave the process (SystemExit, os._exit, a fatal signal). Does not close
+    `result_fd` and may be called again in the same process for the next job.
+    """
+    channel = ResultChannel(result_fd)
+    flag = _CancelFlag()
+    _install_sigterm_handler(flag)
+    result = _run(spec, channel, flag)
+    _flush_std_streams()
+    channel.send(result)
+
+
+def _run(spec: RunSpec, channel: ResultChannel, flag: _CancelFlag) -> Result:
+    logger = _job_logger()
+    started = time.monotonic()
+    logger.info("job %s attempt %d: %s", spec.job_id, spec.attempt, spec.job_type.lower())
+    plugin, failure = _load_plugin(spec.job_type)
+    if failure is not None:
+        return failure
+    artifacts_dir = Path(spec.artifacts_dir)
+    try:
+        artifacts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        return _failure(exc, f"cannot create the artifacts directory {artifacts_dir}")
+    ctx = JobContext(
+        job_id=spec.job_id,
+        job_type=spec.job_type,
+        payload=spec.payload,
+        attempt=spec.attempt,
+        deadline_ms=spec.deadline_ms,
+        artifacts_dir=artifacts_dir,
+        logger=logger,
+        emit=channel.send,
+        is_cancelled=flag,
+    )
+    try:
+        value = plugin(ctx)
+    except Exception as exc:
+        return _failure(exc)
+    result = _success(value, artifacts_dir)
+    if result.error_kind is None:
+        logger.info("job %s attempt %d: done in %.3fs", spec.job_id, spec.attempt, _since(started))
+    return result
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
+
+
+def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
+    """The plugin registered as `job_type` (any case), or a permanent failure saying why."""
+    import importlib.metadata
+
+    wanted = job_type.lower()
+    entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in entry_points:  # the first one of a name wins, as in installed_runners()
+        if ep.name.lower() == wanted:
+            break
+    else:
+        installed = sorted({ep.name.lower() for ep in entry_points})
+        message = (
+            f"no runner plugin for job type {job_type!r}; installed: "
+            f"{', '.join(installed) if installed else '(none)'}"
+        )
+        return None, _report(Result(error_kind="unknown_job_type", permanent=True), message)
+    try:
+        plugin = ep.load()
+    except Exception as exc:
+        return None, _failure(
+            exc, f"cannot load runner plugin {ep.name!r} ({ep.value})", kind="plugin_load"
+        )
+    if not callable(plugin):
+        message = f"runner plugin {ep.name!r} ({ep.value}) is not callable: {plugin!r}"
+        return None, _report(Result(error_kind="plugin_load", permanent=True), message)
+    return plugin, None
+
+
+def _success(value: Any, artifacts_dir: Path) -> Result:
+    if isinstance(value, Output):
+        summary, artifacts = value.result_summary, value.artifacts
+    else:
+        summary, artifacts = value, []
+    try:
+        if not isinstance(artifacts, list | tuple):
+            raise TypeError(f"Output.artifacts must be a list of paths, got {artifacts!r}")
+        paths = [_artifact_path(a, artifacts_dir) for a in artifacts]
+        encoded = _encode(summary)
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+        return _failure(exc, "the plugin's result cannot be encoded as JSON", kind="bad_result")
+    if len(encoded) > MAX_RESULT_SUMMARY_BYTES:
+        message = (
+            f"the plugin's result is {len(encoded)} bytes encoded, more than the "
+            f"{MAX_RESULT_SUMMARY_BYTES} allowed: write it to an artifact instead"
+        )
+        return _report(Result(error_kind="bad_result", permanent=True), message)
+    return Result(result_summary=msgspec.Raw(encoded), artifacts=paths)
+
+
+def _artifact_path(artifact: Any, artifacts_dir: Path) -> str:
+    path = os.fspath(artifact)
+    if not isinstance(path, str):
+        raise TypeError(f"an artifact path must be a str or os.PathLike[str], got {artifact!r}")
+    return str(artifacts_dir / path)  # an absolute path stays as it is
+
+
+def _failure(exc: BaseException, context: str | None = None, *, kind: str | None = None) -> Result:
+    """The Result for an exception, after writing it with its traceback to the job log."""
+    retry_after_ms = None
+    if kind is not None:
+        permanent = True
+    elif isinstance(exc, PermanentError):
+        kind, permanent = "permanent", True
+    elif isinstance(exc, RetryableError):
+        kind, permanent = "retryable", False
+        retry_after_ms = _retry_after(exc.retry_after_ms)
+    elif _flagged_permanent(exc):
+        kind, permanent = "permanent", True
+    else:
+        kind, permanent = "exception", False
+    message = _describe(exc)
+    if context is not None:
+        message = f"{context}: {message}"
+    result = Result(error_kind=kind, permanent=permanent, retry_after_ms=retry_after_ms)
+    return _report(result, message, exc)
+
+
+def _report(result: Result, message: str, exc: BaseException | None = None) -> Result:
+    """Write a failure to the job log (stderr), then give back `result` with its message."""
+    message = message[:MAX_ERROR_MESSAGE_CHARS]
+    try:
+        sys.stderr.write(
+            f"{_timestamp()} ERROR semantica.runner: failed ({result.error_kind}): {message}\n"
+        )
+        if exc is not None:
+            traceback.print_exception(exc, file=sys.stderr)
+        sys.stderr.flush()
+    except Exception:  # a plugin may have closed or replaced stderr: report anyway
+        pass
+    result.error_message = message
+    return result
+
+
+def _timestamp() -> str:
+    """Now, as the job logger writes it."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<unprintable exception>"
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _flagged_permanent(exc: BaseException) -> bool:
+    try:
+        return bool(getattr(exc, "permanent", False))
+    except Exception:
+        return False
+
+
+def _retry_after(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return round(value)
+
+
+def _job_logger() -> logging.Logger:
+    """`semantica.job`, writing through a root handler on stderr (the job log)."""
+    import logging
+
+    root = logging.getLogger()
+    if not any(getattr(h, "semantica_job_log", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        formatter = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
+            datefmt="%Y-%m-%dT%H:%M:%S",
+        )
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+        handler.semantica_job_log = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    return logging.getLogger("semantica.job")
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _write_stderr_raw(data: bytes) -> None:
+    """Write to fd 2 without Python's buffers or locks: safe in a signal handler."""
+    with contextlib.suppress(OSError):
+        os.write(2, data)
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def apply_rlimits(spec: str) -> None:
+    """setrlimit from `{"cpu": s, "as": bytes, "nofile": n, "nproc": n, ...}`; never raises.
+
+    Limits only go down: a value above the current hard limit is capped to it. One
+    that cannot be applied is reported on stderr and skipped.
+    """
+    import resource
+
+    names = {
+        "cpu": resource.RLIMIT_CPU,
+        "as": resource.RLIMIT_AS,
+        "nofile": resource.RLIMIT_NOFILE,
+        "nproc": resource.RLIMIT_NPROC,
+        "core": resource.RLIMIT_CORE,
+        "fsize": resource.RLIMIT_FSIZE,
+    }
+    try:
+        limits = msgspec.json.decode(spec, type=dict[str, int])
+    except msgspec.DecodeError as exc:
+        sys.stderr.write(f"semantica runner: ignoring {RLIMITS_ENV}: {exc}\n")
+        return
+    for name, value in limits.items():
+        which = names.get(name)
+        if which is None or value < 0:
+            sys.stderr.write(f"semantica runner: ignoring resource limit {name}={value}\n")
+            continue
+        try:
+            _soft, hard = resource.getrlimit(which)
+            capped = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            new_hard = capped
+            if name == "cpu":  # SIGXCPU at the soft limit first, SIGKILL a second later
+                new_hard = capped + 1 if hard == resource.RLIM_INFINITY else min(capped + 1, hard)
+            resource.setrlimit(which, (capped, new_hard))
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"semantica runner: cannot set resource limit {name}={value}: {exc}\n")
+
+
+def watch_parent(parent_pid: int) -> bool:
+    """Stop this process group when `parent_pid` (the daemon) exits. False: already gone.
+
+    A daemon thread waits on a pidfd (Linux), a kqueue (macOS, BSD) or, failing both,
+    polls the parent pid once a second.
+    """
+    if os.getppid() != parent_pid:
+        return False
+    thread = threading.Thread(
+        target=_watch_parent, args=(parent_pid,), name="semantica-parent-watch", daemon=True
+    )
+    thread.start()
+    return True
+
+
+def _watch_parent(parent_pid: int) -> None:
+    import select
+
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        if os.getppid() == parent_pid:  # else it died before the pidfd was opened
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
+    elif hasattr(select, "kqueue"):
+        try:
+            kq = select.kqueue()
+            event = select.kevent(
+                parent_pid,
+                filter=select.KQ_FILTER_PROC,
+                flags=select.KQ_EV_ADD | select.KQ_EV_ONESHOT,
+                fflags=select.KQ_NOTE_EXIT,
+            )
+            if os.getppid() == parent_pid:
+                kq.control([event], 1, None)
+        except OSError:
+            pass
+    while os.getppid() == parent_pid:  # the fallback, and a check on the above
+        time.sleep(1.0)
+    _stop_own_group()
+
+
+def _stop_own_group() -> None:
+    _write_stderr_raw(b"semantica runner: the daemon is gone: stopping the job\n")
+    group = os.getpgrp()
+    leader = group == os.getpid()  # our own group (as launched): take our children too
+
+    def kill(sig: int) -> None:
+        try:
+            if leader:
+                os.killpg(group, sig)
+            else:
+                os.kill(os.getpid(), sig)
+        except OSError:
+            pass
+
+    kill(signal.SIGTERM)
+    time.sleep(PARENT_GONE_GRACE_S)
+    kill(signal.SIGKILL)
+
+
+def _result_fd_from_env() -> int | None:
+    text = os.environ.pop(RESULT_FD_ENV, None)
+    try:
+        fd = RESULT_FD if text is None else int(text)
+        os.fstat(fd)
+    except (ValueError, OSError):
+        where = f"fd {text!r} (from {RESULT_FD_ENV})" if text is not None else f"fd {RESULT_FD}"
+        sys.stderr.write(
+            f"semantica runner: no result channel on {where}. The runner is started by "
+            "the semantica daemon; it writes its messages to that fd.\n"
+        )
+        return None
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _read_spec() -> bytes:
+    data = sys.stdin.buffer.read()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return data
+
+
+def _drop_cwd_from_sys_path() -> None:
+    # `python -m` puts the working directory first on sys.path; it is the job's own
+    # directory, where an earlier attempt may have left any file: import nothing from it.
+    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+
+
+def main() -> int:
+    """`python -m semantica.runner`: the process around `run_job`."""
+    result_fd = _result_fd_from_env()
+    if result_fd is None:
+        return 2
+    _drop_cwd_from_sys_path()
+    limits = os.environ.pop(RLIMITS_ENV, None)
+    if limits:
+        apply_rlimits(limits)
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent and not watch_parent(int(parent)):
+        sys.stderr.write("semantica runner: the daemon is already gone: not starting\n")
+        return 1
+    raw = _read_spec()
+    try:
+        spec = _decode_spec(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        message = f"stdin did not hold a RunSpec ({len(raw)} bytes): {exc}"
+        ResultChannel(result_fd).send(
+            _report(Result(error_kind="bad_spec", permanent=True), message)
+        )
+        return 0
+    run_job(spec, result_fd)
+    os.close(result_fd)
+    _exit_despite_stray_threads()
+    return 0
+
+
+def _exit_despite_stray_threads() -> None:
+    """Exit now if the plugin left non-daemon threads running: the Result is written."""
+    stray = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+    if stray:
+        sys.stderr.write(
+            f"semantica runner: the plugin left threads running ({', '.join(stray)}); "
+            "exiting without waiting for them\n"
+        )
+        _flush_std_streams()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

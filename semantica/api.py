@@ -11,15 +11,20 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from semantica import __version__, log
 from semantica import protocol as p
-from semantica.domain import EnqueueRequest, IllegalTransition, Job, ValidationError
+from semantica.domain import EnqueueRequest, IllegalTransition, Job, State, ValidationError
 from semantica.durability import Checkpointer, WalSync
+from semantica.launcher import Launcher
+from semantica.plugins import installed_runners
+from semantica.scheduler import Dispatcher
 from semantica.store import (
+    Conditions,
     EnqueueGroup,
     EnqueueResult,
     JobFilter,
@@ -37,8 +42,46 @@ WRITING_METHODS = frozenset(
         "queues.pause.v1",
         "queues.resume.v1",
         "queues.configure.v1",
+        "jobs.retry.v1",
     }
 )
+LOG_FOLLOW_CHECK_S = 0.2
+LOG_TAIL_MAX_LINES = 100_000
+LOG_CHUNK_MAX_BYTES = 1024 * 1024
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+    """Whole lines after `offset` (up to 1 MiB), and the offset after them."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_CHUNK_MAX_BYTES)
+    except FileNotFoundError:
+        return b"", offset
+    cut = data.rfind(b"\n") + 1 if len(data) < LOG_CHUNK_MAX_BYTES or b"\n" in data else len(data)
+    return data[:cut], offset + cut
+
+
+def _last_lines(path: Path, n: int) -> tuple[list[str], int]:
+    """The last `n` lines of a file, reading backwards only as far as needed."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            block, data = 65536, b""
+            while size - len(data) > 0 and data.count(b"\n") <= n:
+                start = max(0, size - len(data) - block)
+                f.seek(start)
+                data = f.read(size - len(data) - start) + data
+    except FileNotFoundError:
+        return [], 0
+    return data.decode("utf-8", "replace").splitlines()[-n:] if n else [], size
 
 
 def wall_clock_ms() -> int:
@@ -171,14 +214,27 @@ class Api:
         store: Store,
         *,
         home: str,
+        launcher: Launcher,
+        workers: int,
+        conditions: Callable[[], Conditions],
         clock: Callable[[], int] = wall_clock_ms,
         request_shutdown: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.home = home
         self.clock = clock
+        self.launcher = launcher
         self.metrics = p.Counters()
         self.watch = JobWatch()
+        self.dispatcher = Dispatcher(
+            store,
+            launcher,
+            workers=workers,
+            clock=clock,
+            conditions=conditions,
+            on_job_changed=self.job_changed,
+        )
+        self.runners = installed_runners()
         self.committer = GroupCommitter(store, clock, self.metrics)
         self.committer.on_committed = self._after_enqueue
         self.wal_sync = WalSync(store)
@@ -220,11 +276,20 @@ class Api:
             case "queues.pause.v1":
                 return self.store.set_queue_paused(params.queue, True, now=self.clock())
             case "queues.resume.v1":
+                self.dispatcher.wake()
                 return self.store.set_queue_paused(params.queue, False, now=self.clock())
             case "queues.configure.v1":
+                self.dispatcher.wake()
                 return self.store.configure_queue(
                     params.queue, concurrency=params.concurrency, now=self.clock()
                 )
+            case "jobs.retry.v1":
+                return await self.retry(params)
+            case "logs.tail.v1":
+                return await self.tail_log(params)
+            case "runners.list.v1":
+                self.runners = installed_runners()
+                return p.RunnerList(runners=sorted(self.runners.values(), key=lambda r: r.name))
             case "admin.stats.v1":
                 return self.stats()
             case "admin.health.v1":
@@ -237,19 +302,106 @@ class Api:
     # ----------------------------------------------------------------- jobs
 
     async def enqueue(self, req: EnqueueRequest) -> Job:
+        self._check_job_type(req.job_type, "job_type")
         [result] = await self.committer.submit(EnqueueGroup([req], batch=False))
         return result.job
 
     async def enqueue_batch(self, params: p.EnqueueBatchParams) -> p.JobList:
         if not params.jobs:
             raise ValidationError("jobs", "must hold at least one job")
+        for index, req in enumerate(params.jobs):
+            self._check_job_type(req.job_type, f"jobs[{index}].job_type")
         results = await self.committer.submit(EnqueueGroup(params.jobs, batch=True))
         return p.JobList(jobs=[r.job for r in results])
 
+    def _check_job_type(self, job_type: str, field: str) -> None:
+        """A job type must name an installed runner plugin (case-insensitive)."""
+        if not isinstance(job_type, str) or job_type.lower() in self.runners:
+            return
+        self.runners = installed_runners()  # a plugin may have been installed since
+        if job_type.lower() not in self.runners:
+            raise ValidationError(
+                field,
+                f"no runner plugin {job_type!r} is installed; installed: "
+                f"{', '.join(sorted(self.runners)) or 'none'} (plugins register under the "
+                "'semantica.runners' entry point group)",
+            )
+
+    async def retry(self, params: p.JobIdParams) -> Job:
+        """Run a job that ended FAILED, CANCELLED or EXPIRED again, as a new job."""
+        job = self.store.get(params.id)
+        if job.state not in (State.FAILED, State.CANCELLED, State.EXPIRED):
+            raise IllegalTransition(job.state, State.QUEUED, job.id)
+        req = EnqueueRequest(
+            job_type=job.job_type,
+            queue=job.queue,
+            subject_key=job.subject_key,
+            payload=job.payload,
+            priority=job.priority,
+            execution_mode=job.execution_mode,
+            max_attempts=job.max_attempts,
+            backoff_base_ms=job.backoff_base_ms,
+            backoff_factor=job.backoff_factor,
+            deadline_ms=job.deadline_ms,
+            ttl_ms=job.ttl_ms,
+            wait_for_idle=job.wait_for_idle,
+            require_charging=job.require_charging,
+            user_tag=job.user_tag,
+            parent_job_id=job.id,
+            chain_group_id=job.chain_group_id,
+            env=job.env,
+        )
+        return await self.enqueue(req)
+
+    async def tail_log(self, params: p.TailParams) -> p.LogChunk:
+        """The last `n` lines of a job's log, or what follows `offset` (waiting up to
+        `wait_ms` for more while the job runs)."""
+        if not 0 <= params.n <= LOG_TAIL_MAX_LINES:
+            raise ValidationError("n", f"must be between 0 and {LOG_TAIL_MAX_LINES}")
+        if params.offset is not None and params.offset < 0:
+            raise ValidationError("offset", "must be 0 or more (an offset this API returned)")
+        if not 0 <= params.wait_ms <= p.WAIT_TIMEOUT_MAX_MS:
+            raise ValidationError("wait_ms", f"must be between 0 and {p.WAIT_TIMEOUT_MAX_MS}")
+        job = self.store.get(params.id)
+        path = self.launcher.log_path(job.id)
+        if params.offset is None:
+            lines, size = await trio.to_thread.run_sync(_last_lines, path, params.n)
+            return p.LogChunk(lines=lines, offset=size, eof=job.is_terminal)
+        deadline = trio.current_time() + params.wait_ms / 1000
+        while True:
+            data, offset = await trio.to_thread.run_sync(_read_from, path, params.offset)
+            job = self.store.get(job.id)
+            if data or job.is_terminal or trio.current_time() >= deadline or self.draining:
+                lines = data.decode("utf-8", "replace").splitlines()
+                eof = job.is_terminal and offset >= _size(path)
+                return p.LogChunk(lines=lines, offset=offset, eof=eof)
+            with trio.move_on_at(deadline):  # new output is checked a few times a second
+                with trio.move_on_after(LOG_FOLLOW_CHECK_S):
+                    await self.watch.wait_for_change(job.id)
+
+    def job_changed(self, job: Job) -> None:
+        """A job changed state outside a request (it started, ended, was retried)."""
+        match job.state:
+            case State.DONE:
+                self.metrics.job_complete_total += 1
+            case State.FAILED:
+                self.metrics.job_failed_total += 1
+            case State.QUEUED if job.attempt > 0:
+                self.metrics.job_retry_total += 1
+        self._log_state_change(job)
+        self.watch.changed([job.id])
+
     def _after_enqueue(self, results: list[EnqueueResult]) -> None:
         changed = []
+        now = self.clock()
         for result in results:
             job = result.job
+            if job.run_after > now:
+                self.dispatcher.due_at(job.run_after)
+            if job.ttl_ms is not None:
+                self.dispatcher.due_at(job.created_at + job.ttl_ms)
+            for job_id in result.superseded_running_ids:
+                self.dispatcher.stop_job(job_id)
             log.debug("job_enqueued", job_id=job.id, queue=job.queue, job_type=job.job_type)
             superseded = result.superseded_ids + result.superseded_running_ids
             if result.superseded_on_arrival:
@@ -265,12 +417,15 @@ class Api:
                 )
             changed += superseded
         self.watch.changed(changed)
+        self.dispatcher.wake()
 
     def cancel(self, params: p.CancelParams) -> p.Cancelled:
         result = self.store.cancel(
             job_id=params.id, tag=params.tag, chain=params.chain, now=self.clock()
         )
         self.watch.changed(result.cancelled + result.dependents_cancelled)
+        for job_id in result.was_running:
+            self.dispatcher.stop_job(job_id)  # its process group is stopped; it stays CANCELLED
         for job_id in result.cancelled + result.dependents_cancelled:
             self._log_state_change(self.store.get(job_id))
         return p.Cancelled(
@@ -286,8 +441,10 @@ class Api:
             "state": job.state.value,
             "attempt": job.attempt,
         }
-        if job.error_kind is not None:
+        if job.error_kind is not None and job.state is not State.RUNNING:
             fields["error_kind"] = job.error_kind
+        if job.finished_at is not None and job.started_at is not None:
+            fields["duration_ms"] = job.finished_at - job.started_at
         log.event("job_state_changed", **fields)
 
     def list_jobs(self, params: p.ListParams) -> p.JobPage:

@@ -185,6 +185,24 @@ class _Methods:
             "dev.cancel.v1", {k: v for k, v in params.items() if v is not None}, p.Cancelled
         )
 
+    def retry(self, job_id: str) -> Job:
+        """Run a FAILED, CANCELLED or EXPIRED job again, as a new job (returned)."""
+        return self._call("jobs.retry.v1", {"id": job_id}, Job)
+
+    def logs(
+        self, job_id: str, *, n: int = 100, offset: int | None = None, wait_ms: int = 0
+    ) -> p.LogChunk:
+        """The last `n` lines of a job's log; or, with `offset`, what follows it,
+        waiting up to `wait_ms` for more. Pass the returned offset to follow."""
+        params: dict[str, Any] = {"id": job_id, "n": n, "wait_ms": wait_ms}
+        if offset is not None:
+            params["offset"] = offset
+        return self._call("logs.tail.v1", params, p.LogChunk, timeout=wait_ms / 1000 + WAIT_SLACK_S)
+
+    def runners(self) -> p.RunnerList:
+        """Installed runner plugins: job type, target, distribution and version."""
+        return self._call("runners.list.v1", {}, p.RunnerList)
+
     def queues(self) -> p.QueueList:
         """Every queue with its limit, paused flag and job counts."""
         return self._call("queues.list.v1", {}, p.QueueList)

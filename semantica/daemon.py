@@ -22,6 +22,8 @@ from semantica import __version__, log
 from semantica import config as config_mod
 from semantica.api import Api
 from semantica.config import Config, ConfigError
+from semantica.launcher import Launcher
+from semantica.probe import SystemProbe
 from semantica.server import Limits, Server, SocketInUse, open_unix_listener, raise_fd_limit
 from semantica.store import SchemaTooNew, StorageUnavailable, Store
 
@@ -45,6 +47,9 @@ FLAGS = {
     "--rate-limit": "SEMANTICA_RATE_LIMIT",
     "--rate-burst": "SEMANTICA_RATE_BURST",
 }
+
+
+JOB_DRAIN_GRACE_S = 10.0  # running jobs get this long to end before they are stopped
 
 
 class StartupError(Exception):
@@ -209,7 +214,17 @@ async def serve(cfg: Config) -> None:
         )
         token = ensure_token(cfg.token_path)
         shutdown = trio.Event()
-        api = Api(store, home=str(cfg.home), request_shutdown=shutdown.set)
+        launcher = Launcher(home=cfg.home, env_allowlist=cfg.env_allowlist)
+        api = Api(
+            store,
+            home=str(cfg.home),
+            launcher=launcher,
+            workers=cfg.workers,
+            conditions=SystemProbe().conditions,
+            request_shutdown=shutdown.set,
+        )
+        for job in api.dispatcher.recover():  # runners of a crashed daemon: before serving
+            api.job_changed(job)
         limits = Limits(
             max_message_bytes=cfg.max_message_bytes,
             max_connections=cfg.max_connections,
@@ -235,6 +250,7 @@ async def serve(cfg: Config) -> None:
         with trio.CancelScope() as force:
             async with trio.open_nursery() as daemon:
                 await daemon.start(api.checkpointer.run)
+                await daemon.start(api.dispatcher.run)
                 daemon.start_soon(_watch_signals, shutdown, force)
                 async with trio.open_nursery() as serving:
                     await serving.start(server.serve, listeners)
@@ -255,6 +271,7 @@ async def serve(cfg: Config) -> None:
                     log.event("daemon_draining", connections=len(server.conns))
                     api.begin_drain()
                     server.drain()
+                    await api.dispatcher.drain(JOB_DRAIN_GRACE_S)
                 daemon.cancel_scope.cancel()
     finally:
         if any(t == "unix" for _, t in listeners):

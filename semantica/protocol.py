@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from semantica.domain import EnqueueRequest, Job, State
+from semantica.plugins import RunnerInfo
 from semantica.store import QueueInfo
 
 # --------------------------------------------------------------------------- error codes
@@ -120,6 +121,13 @@ class ConfigureQueueParams(Params):
     concurrency: int | None
 
 
+class TailParams(Params):
+    id: str
+    n: int = 100
+    offset: int | None = None
+    wait_ms: int = 0
+
+
 class HealthParams(Params):
     integrity_check: bool = False
 
@@ -189,6 +197,16 @@ class HealthResult(msgspec.Struct, kw_only=True):
     state: str
 
 
+class LogChunk(msgspec.Struct, kw_only=True):
+    lines: list[str]
+    offset: int  # pass it back to read what follows
+    eof: bool  # the job has ended and everything it wrote has been read
+
+
+class RunnerList(msgspec.Struct, kw_only=True):
+    runners: list[RunnerInfo]
+
+
 class Stopping(msgspec.Struct, kw_only=True):
     stopping: bool
 
@@ -211,6 +229,9 @@ METHODS: dict[str, type[msgspec.Struct]] = {
     "queues.pause.v1": QueueParams,
     "queues.resume.v1": QueueParams,
     "queues.configure.v1": ConfigureQueueParams,
+    "jobs.retry.v1": JobIdParams,
+    "logs.tail.v1": TailParams,
+    "runners.list.v1": NoParams,
     "admin.stats.v1": NoParams,
     "admin.health.v1": HealthParams,
     "admin.shutdown.v1": NoParams,

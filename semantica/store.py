@@ -22,7 +22,6 @@ import msgspec
 from semantica import domain
 from semantica.domain import (
     EnqueueRequest,
-    IllegalTransition,
     Job,
     Outcome,
     State,
@@ -367,6 +366,24 @@ UPDATE jobs INDEXED BY jobs_expiry SET state = 'EXPIRED', finished_at = :now,
 WHERE {_moving(State.EXPIRED, State.QUEUED)}
   AND expires_at IS NOT NULL AND expires_at <= :now
 RETURNING id
+"""
+
+SQL_REQUEUE = f"""
+UPDATE jobs SET state = 'QUEUED', attempt = attempt - 1, run_after = :now,
+    runner_pid = NULL, runner_start_time = NULL, progress = NULL, progress_message = NULL,
+    error_kind = 'interrupted', error_message = 'stopped by a daemon shutdown; not counted'
+WHERE id = :id AND {_moving(State.QUEUED, State.RUNNING)}
+RETURNING {JOB_COLUMNS}
+"""
+
+SQL_NEXT_RUN_AFTER = """
+SELECT min(run_after) FROM jobs INDEXED BY jobs_claim_order
+WHERE state = 'QUEUED' AND run_after > :now
+"""
+
+SQL_NEXT_EXPIRY = """
+SELECT min(expires_at) FROM jobs INDEXED BY jobs_expiry
+WHERE state = 'QUEUED' AND expires_at IS NOT NULL AND expires_at > :now
 """
 
 SQL_RUNNING_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'RUNNING' ORDER BY seq"
@@ -824,12 +841,15 @@ class Store:
         finally:
             self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
 
-    def record_runner(self, job_id: str, pid: int, start_time: float) -> None:
-        """Remember which process runs a RUNNING job (PID + start time tell PID reuse)."""
+    def record_runner(self, job_id: str, pid: int, start_time: float) -> bool:
+        """Remember which process runs a RUNNING job (PID + start time tell PID reuse).
+
+        False when the job is no longer RUNNING (cancelled meanwhile): nothing is
+        recorded, and the caller's process is about to be stopped anyway.
+        """
         with self._writing():
             self._db.execute(SQL_RECORD_RUNNER, (pid, start_time, job_id))
-            if self._db.changes() != 1:
-                raise self._illegal(job_id, State.RUNNING)
+            return self._db.changes() == 1
 
     def set_progress(self, job_id: str, fraction: float, message: str | None) -> None:
         """Store a running job's progress (0.0-1.0) and message; ignored once it ended."""
@@ -900,6 +920,23 @@ class Store:
             if state in (State.FAILED, State.SUPERSEDED):
                 self._cancel_dependents([job_id], now)
             return _row_to_job(rows[0])
+
+    def requeue(self, job_id: str, *, now: int, attempt: int) -> Job:
+        """Put a RUNNING job back in its queue without counting the attempt (the daemon
+        stopped it while draining). A job no longer in that attempt is left alone."""
+        with self._writing():
+            job = self._get(job_id)
+            if job.state is not State.RUNNING or job.attempt != attempt:
+                return job
+            domain.check_transition(job.state, State.QUEUED, job_id)
+            rows = self._db.execute(SQL_REQUEUE, {"id": job_id, "now": now}).fetchall()
+        return _row_to_job(rows[0])
+
+    def next_due_times(self, *, now: int) -> tuple[int | None, int | None]:
+        """(earliest future run_after, earliest future expiry) among QUEUED jobs."""
+        run_after = self._db.execute(SQL_NEXT_RUN_AFTER, {"now": now}).fetchall()[0][0]
+        expiry = self._db.execute(SQL_NEXT_EXPIRY, {"now": now}).fetchall()[0][0]
+        return run_after, expiry
 
     # ----------------------------------------------------------------- cancel
 
@@ -1092,9 +1129,6 @@ class Store:
         )
 
     # ----------------------------------------------------------------- helpers
-
-    def _illegal(self, job_id: str, target: State) -> IllegalTransition:
-        return IllegalTransition(self._get(job_id).state, target, job_id)
 
     def _writing(self) -> _Transaction:
         return self._tx

@@ -132,9 +132,31 @@ def daemon_env(home: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-def start_daemon(home: Path | None = None, *args: str, **env_overrides: str) -> Daemon:
+# Queues the API tests use. Pausing them keeps their jobs QUEUED, so a test about the
+# API sees the states it made, not a runner's progress.
+API_TEST_QUEUES = (
+    "default",
+    "build",
+    "bad-input-batch",
+    "bad-input-rate",
+    "bad-input-cap",
+)
+
+
+def start_daemon(
+    home: Path | None = None,
+    *args: str,
+    hold_queues: tuple[str, ...] = (),
+    **env_overrides: str,
+) -> Daemon:
+    """A running daemon; the `hold_queues` are paused before anything is enqueued."""
     home = home or make_home()
-    return Daemon(home, daemon_env(home, **env_overrides), list(args)).start()
+    daemon = Daemon(home, daemon_env(home, **env_overrides), list(args)).start()
+    if hold_queues:
+        with daemon.client() as c:
+            for queue in hold_queues:
+                c.pause(queue)
+    return daemon
 
 
 def remove_home(home: Path) -> None:

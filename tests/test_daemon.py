@@ -14,7 +14,7 @@ import time
 import anyio
 import psutil
 import pytest
-from harness import daemon_env, http_post, make_home, remove_home, start_daemon
+from harness import API_TEST_QUEUES, daemon_env, http_post, make_home, remove_home, start_daemon
 
 import semantica
 from semantica.domain import State
@@ -22,7 +22,7 @@ from semantica.domain import State
 
 @pytest.fixture
 def daemon():
-    d = start_daemon()
+    d = start_daemon(hold_queues=API_TEST_QUEUES)
     yield d
     d.stop()
     remove_home(d.home)
@@ -92,7 +92,7 @@ def test_queues_methods(daemon):
         assert info.concurrency == 2 and info.counts == {"QUEUED": 1}
         assert c.pause("build").paused is True
         assert c.resume("build").paused is False
-        assert [q.name for q in c.queues().queues] == ["build"]
+        assert "build" in [q.name for q in c.queues().queues]
 
 
 def test_stats_and_health(daemon):
@@ -212,7 +212,7 @@ def test_live_socket_of_another_daemon_is_not_replaced(daemon):
 
 
 def test_stale_socket_is_replaced_after_a_crash():
-    d = start_daemon()
+    d = start_daemon(hold_queues=API_TEST_QUEUES)
     try:
         with d.client() as c:
             job = c.enqueue(job_type="noop")
@@ -227,7 +227,7 @@ def test_stale_socket_is_replaced_after_a_crash():
 
 
 def test_sigterm_drains_and_closes_cleanly():
-    d = start_daemon()
+    d = start_daemon(hold_queues=API_TEST_QUEUES)
     try:
         with d.client() as c:
             job = c.enqueue(job_type="noop")
@@ -256,7 +256,7 @@ def test_sigterm_drains_and_closes_cleanly():
 
 
 def test_admin_shutdown_drains_like_sigterm():
-    d = start_daemon()
+    d = start_daemon(hold_queues=API_TEST_QUEUES)
     try:
         with d.client() as c:
             assert c.shutdown().stopping is True
@@ -267,7 +267,7 @@ def test_admin_shutdown_drains_like_sigterm():
 
 
 def test_kill_9_loses_no_acknowledged_enqueue():
-    d = start_daemon()
+    d = start_daemon(hold_queues=API_TEST_QUEUES)
     acked: list[str] = []
     lock = threading.Lock()
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from harness import Daemon, http_post, ndjson_exchange, remove_home, start_daemon
+from harness import API_TEST_QUEUES, Daemon, http_post, ndjson_exchange, remove_home, start_daemon
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -44,7 +44,7 @@ REQUEST_TIMEOUT_S = 1.0
 
 @contextlib.contextmanager
 def running(**env: str):
-    d = start_daemon(None, **env)
+    d = start_daemon(None, hold_queues=API_TEST_QUEUES, **env)
     try:
         yield d
     finally:

@@ -12,14 +12,14 @@ import json
 import socket
 
 import pytest
-from harness import http_post, remove_home, start_daemon
+from harness import API_TEST_QUEUES, http_post, remove_home, start_daemon
 
 SENTINEL = b'{"jsonrpc":"2.0","method":"admin.stats.v1","id":"sentinel"}'
 
 
 @pytest.fixture(scope="module")
 def daemon():
-    d = start_daemon()
+    d = start_daemon(hold_queues=API_TEST_QUEUES)
     yield d
     d.stop()
     remove_home(d.home)

@@ -405,8 +405,8 @@ def test_record_runner_and_running_jobs(store):
     [running] = store.running_jobs()
     assert (running.id, running.runner_pid, running.runner_start_time) == (job.id, 4242, 1234.5)
     queued = enqueue(store).job
-    with pytest.raises(IllegalTransition):
-        store.record_runner(queued.id, 1, 1.0)
+    assert store.record_runner(queued.id, 1, 1.0) is False  # not running: nothing recorded
+    assert store.get(queued.id).runner_pid is None
 
 
 def test_progress_is_stored_while_running(store):

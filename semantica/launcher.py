@@ -1,0 +1,329 @@
+"""Starting and stopping runner processes: the only module that starts processes.
+
+Each attempt runs in a fresh `python -m semantica.runner` process: its own session
+and process group, an environment built from the allowlist (never the daemon's
+own), umask 077, a working directory of its own, stdin carrying only the job spec,
+stdout and stderr appended to `logs/<job_id>.log`, and the result on a separate
+pipe. The runner applies its resource limits itself, before any plugin code is
+imported, and watches the daemon's PID so that it dies with it (see runner.py):
+doing either here would need a preexec hook, unsafe in a process with threads, and
+PR_SET_PDEATHSIG would fire when the trio worker thread that spawned it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import psutil
+import trio
+
+from semantica import log
+from semantica.domain import Job, Outcome
+from semantica.plugins import Progress, Result, RunSpec
+
+KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
+CHANNEL_DRAIN_S = 0.5  # after the runner exits, for its last message to be read
+MAX_RESULT_BYTES = 16 * 1024 * 1024
+
+_decode_message = msgspec.json.Decoder(Progress | Result).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class SandboxLimits(msgspec.Struct, kw_only=True, frozen=True):
+    """Resource limits of every runner (SPEC §4). CPU time follows each job's deadline."""
+
+    address_space_bytes: int = 8 * 1024**3
+    open_files: int = 1024
+    processes: int = 4096  # RLIMIT_NPROC counts all of the user's processes
+    cpu_slack_s: int = 5  # CPU seconds allowed beyond the deadline, as a backstop
+
+
+def runner_environment(
+    daemon_env: dict[str, str], allowlist: frozenset[str], job_env: dict[str, str]
+) -> dict[str, str]:
+    """Only allowlisted names from the daemon's environment, then the job's own `env`."""
+    env = {k: v for k, v in daemon_env.items() if k in allowlist}
+    env.update(job_env)
+    return env
+
+
+def process_start_time(pid: int) -> float | None:
+    """The process's start time (seconds since the epoch), to tell a reused PID apart."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def kill_process_group(pgid: int, sig: int) -> bool:
+    """Signal a whole process group; False if it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError as exc:
+        log.warning("kill_refused", pgid=pgid, error=str(exc))
+        return False
+    return True
+
+
+def group_members(pgid: int, started_after: float | None = None) -> list[psutil.Process]:
+    """Processes still in a process group (the leader may be gone, its children not)."""
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            if started_after is not None and proc.create_time() + 0.01 < started_after:
+                continue  # older than the job: not one of its processes
+            members.append(proc)
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return members
+
+
+class Launcher:
+    """Runs one attempt of a job in a sandboxed runner process and reports its Outcome."""
+
+    def __init__(
+        self,
+        *,
+        home: Path,
+        env_allowlist: frozenset[str],
+        limits: SandboxLimits | None = None,
+        daemon_env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.home = home
+        self.logs_dir = home / "logs"
+        self.work_dir = home / "work"
+        self.artifacts_root = home / "artifacts"
+        self.env_allowlist = env_allowlist
+        self.limits = limits or SandboxLimits()
+        self.daemon_env = dict(os.environ if daemon_env is None else daemon_env)
+        self.python = python
+
+    def log_path(self, job_id: str) -> Path:
+        return self.logs_dir / f"{job_id}.log"
+
+    def artifacts_dir(self, job_id: str) -> Path:
+        return self.artifacts_root / job_id
+
+    async def run(
+        self,
+        job: Job,
+        *,
+        on_started: Callable[[int, float], None],
+        on_progress: Callable[[float, str | None], None],
+    ) -> Outcome:
+        """Run the job's current attempt to its end and return how it ended.
+
+        `on_started(pid, start_time)` is called as soon as the process exists.
+        Cancelling the caller's scope stops the process group (TERM, then KILL)
+        before this returns or raises.
+        """
+        for d in (self.logs_dir, self.work_dir, self.artifacts_root):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cwd = self.work_dir / job.id
+        cwd.mkdir(mode=0o700, exist_ok=True)
+        spec = RunSpec(
+            job_id=job.id,
+            job_type=job.job_type,
+            payload=job.payload,
+            attempt=job.attempt,
+            artifacts_dir=str(self.artifacts_dir(job.id)),
+            deadline_ms=job.deadline_ms,
+        )
+        env = runner_environment(self.daemon_env, self.env_allowlist, job.env)
+        env["SEMANTICA_RLIMITS"] = self._rlimits(job)
+        env["SEMANTICA_PARENT_PID"] = str(os.getpid())
+        read_fd, write_fd = os.pipe()
+        env["SEMANTICA_RESULT_FD"] = str(write_fd)
+        log_fd = os.open(self.log_path(job.id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = await trio.lowlevel.open_process(
+                # -P: the job's working directory must not shadow our modules on sys.path.
+                [self.python, "-P", "-m", "semantica.runner"],
+                stdin=-1,  # subprocess.PIPE
+                stdout=log_fd,
+                stderr=log_fd,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                pass_fds=(write_fd,),
+                umask=0o077,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+            os.close(log_fd)
+        start_time = process_start_time(proc.pid) or 0.0
+        on_started(proc.pid, start_time)
+        messages = trio.lowlevel.FdStream(read_fd)
+        result: list[Result] = []
+        channel_closed = trio.Event()
+        deadline_hit = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._feed_spec, proc, spec)
+                nursery.start_soon(
+                    self._read_messages, messages, on_progress, result, channel_closed
+                )
+                with trio.move_on_after(job.deadline_ms / 1000) as deadline:
+                    await proc.wait()
+                if deadline.cancelled_caught:
+                    deadline_hit = True
+                    await self._stop(proc)
+                # The result is written before the runner exits; a process the plugin
+                # forked may still hold the pipe open, so do not wait for it for long.
+                with trio.move_on_after(CHANNEL_DRAIN_S):
+                    await channel_closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    await self._stop(proc)
+                await messages.aclose()
+        return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
+
+    def _rlimits(self, job: Job) -> str:
+        cpu = math.ceil(job.deadline_ms / 1000) + self.limits.cpu_slack_s
+        return _encode(
+            {
+                "cpu": cpu,
+                "as": self.limits.address_space_bytes,
+                "nofile": self.limits.open_files,
+                "nproc": self.limits.processes,
+            }
+        ).decode()
+
+    async def _feed_spec(self, proc: trio.Process, spec: RunSpec) -> None:
+        assert proc.stdin is not None
+        try:
+            await proc.stdin.send_all(_encode(spec))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the runner died before reading: its exit status tells why
+        finally:
+            await proc.stdin.aclose()
+
+    async def _read_messages(
+        self,
+        stream: trio.lowlevel.FdStream,
+        on_progress: Callable[[float, str | None], None],
+        result: list[Result],
+        closed: trio.Event,
+    ) -> None:
+        try:
+            await self._read_lines(stream, on_progress, result)
+        finally:
+            closed.set()
+
+    async def _read_lines(
+        self,
+        stream: trio.lowlevel.FdStream,
+        on_progress: Callable[[float, str | None], None],
+        result: list[Result],
+    ) -> None:
+        buffer = bytearray()
+        while data := await stream.receive_some(65536):
+            buffer += data
+            if len(buffer) > MAX_RESULT_BYTES:
+                log.warning("runner_channel_overflow")
+                return
+            while (newline := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:newline])
+                del buffer[: newline + 1]
+                try:
+                    message = _decode_message(line)
+                except msgspec.DecodeError:
+                    log.warning("runner_message_unreadable", bytes=len(line))
+                    continue
+                if isinstance(message, Progress):
+                    on_progress(min(1.0, max(0.0, message.fraction)), message.message)
+                else:
+                    result.append(message)
+
+    async def _stop(self, proc: trio.Process) -> None:
+        """TERM the runner's process group, then KILL whatever is left after the grace."""
+        kill_process_group(proc.pid, signal.SIGTERM)
+        with trio.move_on_after(KILL_GRACE_S):
+            await proc.wait()
+        # Grandchildren may outlive the leader: the group is killed either way.
+        kill_process_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    def _outcome(
+        self, returncode: int | None, result: Result | None, deadline_hit: bool, job: Job
+    ) -> Outcome:
+        if deadline_hit:
+            return Outcome(
+                error_kind="deadline",
+                error_message=f"still running after deadline_ms={job.deadline_ms}: stopped",
+                exit_code=returncode,
+            )
+        if result is not None and returncode == 0:
+            return Outcome(
+                error_kind=None if result.error_kind is None else result.error_kind,
+                error_message=result.error_message,
+                exit_code=0,
+                result_summary=result.result_summary,
+                artifacts=result.artifacts,
+                permanent=result.permanent,
+                retry_after_ms=result.retry_after_ms,
+            )
+        if returncode is not None and returncode < 0:
+            name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else ""
+            return Outcome(
+                error_kind="signal",
+                error_message=f"the runner was killed by signal {-returncode} {name}".strip(),
+                exit_code=returncode,
+            )
+        return Outcome(
+            error_kind="exit",
+            error_message=(
+                f"the runner exited with status {returncode} without a result: "
+                f"see {self.log_path(job.id)}"
+            ),
+            exit_code=returncode,
+        )
+
+
+def kill_orphaned_runner(pid: int, start_time: float | None) -> list[int]:
+    """Stop what is left of a runner from a previous daemon: its process group.
+
+    The group id is the runner's PID (each runner leads its own session). While any
+    member lives, the kernel keeps that id from being reused, so signalling the group
+    reaches only the job's processes; members older than the recorded start time are
+    spared all the same. Returns the PIDs signalled.
+    """
+    members = group_members(pid, started_after=start_time)
+    if not members:
+        return []
+    pids = [p.pid for p in members]
+    for proc in members:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(members, timeout=KILL_GRACE_S)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=KILL_GRACE_S)
+    return pids
+
+
+def is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.ESRCH
+    return False

@@ -1,0 +1,226 @@
+"""Jobs really run: a real daemon starts real runner processes and records outcomes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from harness import remove_home, start_daemon
+
+import semantica
+from semantica.domain import State
+
+FAST_RETRY = {"backoff_base_ms": 20, "backoff_factor": 1.0}
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    d = start_daemon(SEMANTICA_WORKERS="4", DAEMON_SECRET_TOKEN="hunter2")
+    yield d
+    d.stop()
+    remove_home(d.home)
+
+
+@pytest.fixture
+def client(daemon):
+    with daemon.client() as c:
+        yield c
+
+
+def run_to_end(client, timeout_ms=20_000, **fields):
+    job = client.enqueue(**fields)
+    done = client.wait(job.id, timeout_ms=timeout_ms)
+    assert done.is_terminal, f"job still {done.state} after {timeout_ms} ms: {done}"
+    return done
+
+
+def log_text(client, job_id) -> str:
+    return "\n".join(client.logs(job_id, n=1000).lines)
+
+
+def test_a_noop_job_runs_to_done(client, daemon):
+    job = run_to_end(client, job_type="noop")
+    assert job.state is State.DONE and job.attempt == 1
+    assert job.result_summary == {"ok": True}
+    assert job.started_at is not None and job.finished_at >= job.started_at
+    assert (daemon.home / "logs" / f"{job.id}.log").exists()
+
+
+def test_job_type_is_case_insensitive(client):
+    assert run_to_end(client, job_type="NOOP").state is State.DONE
+
+
+def test_an_uninstalled_job_type_is_refused_listing_installed_ones(client):
+    with pytest.raises(semantica.ValidationFailed, match=r"installed: .*noop") as info:
+        client.enqueue(job_type="no_such_runner")
+    assert info.value.data == {"field": "job_type"}
+
+
+def test_exceptions_are_retried_with_backoff_then_fail(client):
+    job = run_to_end(
+        client, job_type="fail", payload={"mode": "exception"}, max_attempts=3, **FAST_RETRY
+    )
+    assert job.state is State.FAILED and job.attempt == 3
+    assert job.error_kind == "exception" and "raising as asked" in job.error_message
+    assert "Traceback" in log_text(client, job.id)
+
+
+def test_permanent_error_fails_at_once(client):
+    job = run_to_end(client, job_type="fail", payload={"mode": "permanent"}, max_attempts=3)
+    assert (job.state, job.attempt) == (State.FAILED, 1)
+
+
+def test_exit_and_signal_are_recorded(client):
+    exited = run_to_end(client, job_type="fail", payload={"mode": "exit"}, max_attempts=1)
+    assert (exited.error_kind, exited.exit_code) == ("exit", 3)
+    killed = run_to_end(client, job_type="fail", payload={"mode": "signal"}, max_attempts=1)
+    assert killed.error_kind == "signal" and "SIGKILL" in killed.error_message
+
+
+def test_deadline_kills_a_job_that_ignores_sigterm(client):
+    job = client.enqueue(job_type="fail", payload={"mode": "hang"}, deadline_ms=500, max_attempts=1)
+    pid = wait_until_running(client, job.id).runner_pid
+    ended = client.wait(job.id, timeout_ms=15_000)
+    assert ended.state is State.FAILED and ended.error_kind == "deadline"
+    assert ended.finished_at - ended.started_at < 500 + 5_000  # TERM ignored, then KILL
+    assert not psutil.pid_exists(pid) or is_zombie(pid)
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def wait_until_running(client, job_id, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job.state is State.RUNNING and job.runner_pid:
+            return job
+        client.wait(job_id, timeout_ms=50)
+    raise AssertionError(f"job {job_id} never started: {client.get(job_id)}")
+
+
+def test_cancelling_a_running_job_stops_its_process(client):
+    job = client.enqueue(job_type="sleep", payload={"seconds": 30})
+    running = wait_until_running(client, job.id)
+    assert client.cancel(job.id).cancelled == [job.id]
+    ended = client.wait(job.id, timeout_ms=10_000)
+    assert ended.state is State.CANCELLED
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(running.runner_pid) and not is_zombie(running.runner_pid):
+        assert time.monotonic() < deadline, "the cancelled job's runner is still alive"
+        time.sleep(0.05)
+
+
+def test_supersede_running_stops_the_older_run(client):
+    old = client.enqueue(job_type="sleep", subject_key="k-run", payload={"seconds": 30})
+    wait_until_running(client, old.id)
+    new = client.enqueue(
+        job_type="sleep", subject_key="k-run", payload={"seconds": 0}, supersede_running=True
+    )
+    assert client.wait(old.id, timeout_ms=10_000).state is State.SUPERSEDED
+    assert client.wait(new.id, timeout_ms=10_000).state is State.DONE
+
+
+def test_the_daemon_environment_never_reaches_a_job(client):
+    assert os.environ.get("DAEMON_SECRET_TOKEN") is None  # only the daemon has it
+    job = run_to_end(client, job_type="shell", payload={"argv": ["env"]}, env={"LANG": "C.UTF-8"})
+    assert job.state is State.DONE
+    out = log_text(client, job.id)
+    assert "hunter2" not in out and "DAEMON_SECRET_TOKEN" not in out
+    assert "LANG=C.UTF-8" in out
+
+
+def test_progress_and_logs_follow(client):
+    job = run_to_end(client, job_type="shell", payload={"argv": ["sh", "-c", "echo one; echo two"]})
+    chunk = client.logs(job.id, offset=0)
+    assert "one" in chunk.lines and "two" in chunk.lines and chunk.eof
+    again = client.logs(job.id, offset=chunk.offset)
+    assert again.lines == [] and again.eof
+
+
+def test_runners_are_listed_with_their_distribution(client):
+    runners = {r.name: r for r in client.runners().runners}
+    assert {"noop", "sleep", "fail", "shell", "python", "index_file"} <= runners.keys()
+    assert runners["noop"].distribution == "semantica-runners"
+
+
+def test_retry_runs_a_failed_job_again_as_a_new_job(client):
+    failed = run_to_end(client, job_type="fail", payload={"mode": "permanent"})
+    again = client.retry(failed.id)
+    assert again.id != failed.id and again.parent_job_id == failed.id
+    assert client.wait(again.id, timeout_ms=10_000).state is State.FAILED
+    with pytest.raises(semantica.SemanticaError) as info:
+        client.retry(run_to_end(client, job_type="noop").id)
+    assert info.value.code == 4009
+
+
+def test_index_file_does_real_work(client):
+    path = os.path.abspath(__file__)
+    job = run_to_end(client, job_type="index_file", payload={"path": path})
+    assert job.state is State.DONE
+    assert job.result_summary["language"] == "python"
+    assert job.result_summary["bytes"] == os.path.getsize(path)
+
+
+def test_schedule_at_holds_a_job_until_its_time(client):
+    at = int(time.time() * 1000) + 400
+    job = run_to_end(client, job_type="noop", schedule_at=at)
+    assert job.state is State.DONE and job.started_at >= at
+
+
+def test_sigkill_of_the_daemon_leaves_no_runner_and_loses_no_job():
+    d = start_daemon(SEMANTICA_WORKERS="20")
+    try:
+        with d.client() as c:
+            done = run_to_end(c, job_type="noop")
+            jobs = [c.enqueue(job_type="sleep", payload={"seconds": 30}) for _ in range(20)]
+            pids = [wait_until_running(c, j.id).runner_pid for j in jobs]
+        d.kill()  # SIGKILL: no drain, no cleanup
+        d.start()  # recovery runs before serving
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or is_zombie(pid), f"runner {pid} survived"
+        with d.client() as c:
+            assert c.get(done.id).state is State.DONE
+            assert c.get(done.id).result_summary == {"ok": True}
+            for job in jobs:
+                got = c.get(job.id)
+                assert got.state in (State.QUEUED, State.RUNNING), got
+                assert got.error_kind in ("orphaned", None) and got.attempt <= 2
+                c.cancel(job.id)
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_sigterm_requeues_running_jobs_after_the_grace():
+    d = start_daemon()
+    try:
+        with d.client() as c:
+            job = c.enqueue(job_type="sleep", payload={"seconds": 60})
+            wait_until_running(c, job.id)
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        d.start()
+        with d.client() as c:
+            got = c.get(job.id)
+            assert got.attempt <= 1 and got.state in (State.QUEUED, State.RUNNING)
+            c.cancel(job.id)
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_cancel_racing_the_start_never_hurts_the_daemon(client, daemon):
+    for _ in range(30):
+        job = client.enqueue(job_type="sleep", payload={"seconds": 5})
+        client.cancel(job.id)
+    assert daemon.proc.poll() is None
+    assert client.health().ok
+    assert run_to_end(client, job_type="noop").state is State.DONE

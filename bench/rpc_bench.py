@@ -30,10 +30,11 @@ SEMANTICA_RPC_PORT=0 (no TCP). Against each:
   (c)  8 concurrent clients, each its own process and connection, sequential NDJSON
        (raw pre-encoded lines);
   (d)  `dev.enqueue_batch.v1` with 1,000 jobs per call, one sequential client.
-Jobs are keyless `embed` jobs with a small payload (no supersede work; the store bench
-measures the supersede mix). For each row the daemon's CPU (psutil cpu_times delta over
-the window) and jobs per commit (admin.stats counters: job_enqueue_total /
-enqueue_commits_total) are shown: they tell fsync-bound from CPU-bound.
+Jobs are keyless `noop` jobs, in a queue paused for the run, with a small payload (no
+supersede work; the store bench measures the supersede mix). For each row the daemon's
+CPU (psutil cpu_times delta over the window) and jobs per commit (admin.stats
+counters: job_enqueue_total / enqueue_commits_total) are shown: they tell fsync-bound
+from CPU-bound.
 
 Idle: after the FULL daemon has served its load and every client has hung up, 1 s to
 settle, then its CPU % over --idle-seconds (cpu_times delta / wall time) and its RSS.
@@ -114,9 +115,13 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------- requests
 
 
+BENCH_QUEUE = "bench"  # paused while measuring: this bench times enqueues, not runs
+
+
 def job_params(i: int) -> dict[str, Any]:
     return {
-        "job_type": "embed",
+        "job_type": "noop",
+        "queue": BENCH_QUEUE,
         "payload": {"path": f"/home/user/project/src/module_{i % 997}.py", "n": i},
     }
 
@@ -360,11 +365,26 @@ class DaemonProcess:
                 except TimeoutError:
                     continue
                 if "READY=1" in got.split("\n"):
+                    self._pause_bench_queue()
                     return self
             self.stop()
             raise BenchError(f"the daemon never became ready; its log:\n{self.log()}")
         finally:
             notify.close()
+
+    def _pause_bench_queue(self) -> None:
+        """Jobs stay QUEUED: starting runners would compete with the enqueues measured."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.socket_path))
+            s.sendall(
+                b'{"jsonrpc":"2.0","method":"queues.pause.v1","params":{"queue":"'
+                + BENCH_QUEUE.encode()
+                + b'"},"id":1}\n'
+            )
+            reply = s.recv(65536)
+        if b'"result"' not in reply:
+            raise BenchError(f"could not pause the bench queue: {reply!r}")
 
     @property
     def pid(self) -> int:
@@ -683,7 +703,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_at_start": os.getloadavg(),
         "warmup_s": warmup_s,
         "measure_s": measure_s,
-        "job": "keyless embed job, 56-byte payload {path, n}; a request line is ~150 bytes",
+        "job": (
+            "keyless noop job (queue paused), 56-byte payload {path, n}; "
+            "a request line is ~150 bytes"
+        ),
         "clients": {
             "seq_ndjson": "raw Unix socket, pre-encoded lines (protocol.encode_request)",
             "seq_sdk": "semantica.Client.enqueue",

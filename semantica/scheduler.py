@@ -106,6 +106,8 @@ class Dispatcher:
     # ----------------------------------------------------------------- the loop
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        for job_id in self.store.expire_overdue(now=self.clock()):  # expired while stopped
+            self.on_job_changed(self.store.get(job_id))
         for when in self.store.next_due_times(now=self.clock()):
             self.due_at(when)
         async with trio.open_nursery() as jobs:
@@ -129,8 +131,8 @@ class Dispatcher:
             for when in self.store.next_due_times(now=now):
                 if when is not None:
                     heapq.heappush(self._due, when)
-        for job_id in self.store.expire_overdue(now=now):
-            self.on_job_changed(self.store.get(job_id))
+            for job_id in self.store.expire_overdue(now=now):  # only when something is due
+                self.on_job_changed(self.store.get(job_id))
         while not self._stopping and len(self._running) < self.workers:
             job = self.store.claim_next_job(
                 now=now, global_limit=self.workers, conditions=self.conditions()

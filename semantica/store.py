@@ -259,38 +259,46 @@ SQL_GET = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 SQL_COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'RUNNING'"
 
 # The claim: one statement picks and takes the best ready job, so two claimers can
-# never take the same job and the rules below hold at the instant of the write.
+# never take the same job and the rules below hold at the instant of the write. It
+# looks at the head of each eligible queue only (not paused, under its concurrency),
+# so jobs in a paused or full queue cost nothing, and picks the best of those heads.
 SQL_CLAIM_NEXT_JOB = f"""
+WITH heads (seq) AS MATERIALIZED (
+        SELECT (
+            SELECT j.seq FROM jobs AS j INDEXED BY jobs_queue_claim_order
+            WHERE j.queue = q.name AND j.{_moving(State.RUNNING, State.QUEUED)}
+              AND j.run_after <= :now
+              AND (j.expires_at IS NULL OR j.expires_at > :now)
+              AND (j.subject_key IS NULL OR (
+                    NOT EXISTS (
+                        SELECT 1 FROM jobs AS r
+                        WHERE r.state = 'RUNNING' AND r.subject_key IS NOT NULL
+                          AND r.queue = j.queue AND r.job_type = j.job_type
+                          AND r.subject_key = j.subject_key)
+                    AND j.generation = (
+                        SELECT s.latest_generation FROM subjects AS s
+                        WHERE s.queue = j.queue AND s.job_type = j.job_type
+                          AND s.subject_key = j.subject_key)))
+              AND NOT EXISTS (
+                    SELECT 1 FROM job_deps AS d JOIN jobs AS p ON p.id = d.depends_on
+                    WHERE d.job_id = j.id AND p.state <> 'DONE')
+              AND (:cpu_idle OR j.wait_for_idle = 0)
+              AND (:on_ac_power OR j.require_charging = 0)
+            ORDER BY j.priority DESC, j.seq
+            LIMIT 1) AS seq
+        FROM queues AS q
+        WHERE q.paused = 0
+          AND (q.concurrency IS NULL OR q.concurrency > (
+                SELECT count(*) FROM jobs AS r WHERE r.state = 'RUNNING' AND r.queue = q.name))
+)
 UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, started_at = :now,
     expires_at = NULL,  -- ttl bounds the wait for a first start; retries never expire
     runner_pid = NULL, runner_start_time = NULL, progress = NULL, progress_message = NULL
-WHERE seq = (
-    SELECT j.seq FROM jobs AS j INDEXED BY jobs_claim_order
-    JOIN queues AS q ON q.name = j.queue
-    WHERE j.{_moving(State.RUNNING, State.QUEUED)}
-      AND j.run_after <= :now
-      AND (j.expires_at IS NULL OR j.expires_at > :now)
-      AND q.paused = 0
-      AND (q.concurrency IS NULL OR q.concurrency > (
-            SELECT count(*) FROM jobs AS r
-            WHERE r.state = 'RUNNING' AND r.queue = j.queue))
-      AND (j.subject_key IS NULL OR (
-            NOT EXISTS (
-                SELECT 1 FROM jobs AS r
-                WHERE r.state = 'RUNNING' AND r.subject_key IS NOT NULL AND r.queue = j.queue
-                  AND r.job_type = j.job_type AND r.subject_key = j.subject_key)
-            AND j.generation = (
-                SELECT s.latest_generation FROM subjects AS s
-                WHERE s.queue = j.queue AND s.job_type = j.job_type
-                  AND s.subject_key = j.subject_key)))
-      AND NOT EXISTS (
-            SELECT 1 FROM job_deps AS d JOIN jobs AS p ON p.id = d.depends_on
-            WHERE d.job_id = j.id AND p.state <> 'DONE')
-      AND (:cpu_idle OR j.wait_for_idle = 0)
-      AND (:on_ac_power OR j.require_charging = 0)
-    ORDER BY j.priority DESC, j.seq
+WHERE (SELECT count(*) FROM jobs WHERE state = 'RUNNING') < :global_limit
+  AND seq = (
+    SELECT best.seq FROM heads JOIN jobs AS best ON best.seq = heads.seq
+    ORDER BY best.priority DESC, best.seq
     LIMIT 1)
-  AND (SELECT count(*) FROM jobs WHERE state = 'RUNNING') < :global_limit
 RETURNING {JOB_COLUMNS}
 """
 
@@ -377,7 +385,7 @@ RETURNING {JOB_COLUMNS}
 """
 
 SQL_NEXT_RUN_AFTER = """
-SELECT min(run_after) FROM jobs INDEXED BY jobs_claim_order
+SELECT min(run_after) FROM jobs INDEXED BY jobs_queue_claim_order
 WHERE state = 'QUEUED' AND run_after > :now
 """
 

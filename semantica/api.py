@@ -27,7 +27,6 @@ from semantica.store import (
     Conditions,
     EnqueueGroup,
     EnqueueResult,
-    JobFilter,
     NotFound,
     StorageUnavailable,
     Store,
@@ -448,15 +447,7 @@ class Api:
         log.event("job_state_changed", **fields)
 
     def list_jobs(self, params: p.ListParams) -> p.JobPage:
-        filters = JobFilter(
-            state=params.state,
-            queue=params.queue,
-            job_type=params.job_type,
-            tag=params.tag,
-            chain=params.chain,
-            subject=params.subject,
-        )
-        jobs, cursor = self.store.list(filters, limit=params.limit, cursor=params.cursor)
+        jobs, cursor = self.store.list(params, limit=params.limit, cursor=params.cursor)
         return p.JobPage(jobs=jobs, next_cursor=cursor)
 
     async def wait(self, params: p.WaitParams) -> Job:

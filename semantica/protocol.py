@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from semantica.domain import EnqueueRequest, Job, State
+from semantica.domain import EnqueueRequest, Job
 from semantica.plugins import RunnerInfo
-from semantica.store import QueueInfo
+from semantica.store import JobFilter, QueueInfo
 
 # --------------------------------------------------------------------------- error codes
 
@@ -96,13 +96,9 @@ class CancelParams(Params):
     chain: str | None = None
 
 
-class ListParams(Params):
-    state: State | None = None
-    queue: str | None = None
-    job_type: str | None = None
-    tag: str | None = None
-    chain: str | None = None
-    subject: str | None = None
+class ListParams(JobFilter, forbid_unknown_fields=True, kw_only=True):
+    """The store's filters, plus paging."""
+
     limit: int = 100
     cursor: str | None = None
 

@@ -7,6 +7,7 @@ its commit. Store errors become RpcErrors with a stable code here and nowhere el
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -56,31 +57,42 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
-    """Whole lines after `offset` (up to 1 MiB), and the offset after them."""
+def _read_from(path: Path, offset: int, *, to_end: bool = False) -> tuple[bytes, int]:
+    """Whole lines after `offset` (up to 1 MiB), and the offset after them. With
+    `to_end` (the job has ended, nothing more will be written) a last line without
+    its newline is included too."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(LOG_CHUNK_MAX_BYTES)
     except FileNotFoundError:
         return b"", offset
-    cut = data.rfind(b"\n") + 1 if len(data) < LOG_CHUNK_MAX_BYTES or b"\n" in data else len(data)
+    full = len(data) == LOG_CHUNK_MAX_BYTES
+    if to_end and not full:
+        return data, offset + len(data)
+    cut = data.rfind(b"\n") + 1
+    if cut == 0 and full:  # one line longer than a chunk: hand it over in pieces
+        cut = len(data)
     return data[:cut], offset + cut
 
 
 def _last_lines(path: Path, n: int) -> tuple[list[str], int]:
-    """The last `n` lines of a file, reading backwards only as far as needed."""
+    """The last `n` lines of a file (at most its last 1 MiB), reading backwards only
+    as far as needed."""
+    if n == 0:
+        return [], _size(path)
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
+            floor = max(0, size - LOG_CHUNK_MAX_BYTES)
             block, data = 65536, b""
-            while size - len(data) > 0 and data.count(b"\n") <= n:
-                start = max(0, size - len(data) - block)
+            while size - len(data) > floor and data.count(b"\n") <= n:
+                start = max(floor, size - len(data) - block)
                 f.seek(start)
                 data = f.read(size - len(data) - start) + data
     except FileNotFoundError:
         return [], 0
-    return data.decode("utf-8", "replace").splitlines()[-n:] if n else [], size
+    return data.decode("utf-8", "replace").splitlines()[-n:], size
 
 
 def wall_clock_ms() -> int:
@@ -368,8 +380,10 @@ class Api:
             return p.LogChunk(lines=lines, offset=size, eof=job.is_terminal)
         deadline = trio.current_time() + params.wait_ms / 1000
         while True:
-            data, offset = await trio.to_thread.run_sync(_read_from, path, params.offset)
-            job = self.store.get(job.id)
+            job = self.store.get(job.id)  # read before the file: an ended job wrote all
+            data, offset = await trio.to_thread.run_sync(
+                functools.partial(_read_from, path, params.offset, to_end=job.is_terminal)
+            )
             if data or job.is_terminal or trio.current_time() >= deadline or self.draining:
                 lines = data.decode("utf-8", "replace").splitlines()
                 eof = job.is_terminal and offset >= _size(path)

@@ -147,7 +147,17 @@ class Launcher:
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
         read_fd, write_fd = os.pipe()
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
-        log_fd = os.open(self.log_path(job.id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            log_fd = os.open(
+                # Read access lets the runner see whether the job's output ended a line.
+                self.log_path(job.id),
+                os.O_RDWR | os.O_CREAT | os.O_APPEND,
+                0o600,
+            )
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         try:
             proc = await trio.lowlevel.open_process(
                 # -P: the job's working directory must not shadow our modules on sys.path.
@@ -167,13 +177,13 @@ class Launcher:
         finally:
             os.close(write_fd)
             os.close(log_fd)
-        start_time = process_start_time(proc.pid) or 0.0
-        on_started(proc.pid, start_time)
         messages = trio.lowlevel.FdStream(read_fd)
         result: list[Result] = []
         channel_closed = trio.Event()
         deadline_hit = False
         try:
+            # Inside the try: if the PID cannot be recorded, the runner is stopped.
+            on_started(proc.pid, process_start_time(proc.pid) or 0.0)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._feed_spec, proc, spec)
                 nursery.start_soon(
@@ -184,16 +194,22 @@ class Launcher:
                 if deadline.cancelled_caught:
                     deadline_hit = True
                     await self._stop(proc)
-                # The result is written before the runner exits; a process the plugin
+                # The runner has exited: its outcome is decided, so a cancel arriving
+                # now (a drain, a late cancel) must not turn it into "stopped". The
+                # result is written before the runner exits; a process the plugin
                 # forked may still hold the pipe open, so do not wait for it for long.
-                with trio.move_on_after(CHANNEL_DRAIN_S):
+                with trio.CancelScope(shield=True), trio.move_on_after(CHANNEL_DRAIN_S):
                     await channel_closed.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:
                     await self._stop(proc)
+                else:  # what the job forked and left behind goes with it
+                    kill_process_group(proc.pid, signal.SIGKILL)
                 await messages.aclose()
+                if proc.stdin is not None:
+                    await proc.stdin.aclose()
         return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
 
     def _rlimits(self, job: Job) -> str:
@@ -249,7 +265,10 @@ class Launcher:
                     log.warning("runner_message_unreadable", bytes=len(line))
                     continue
                 if isinstance(message, Progress):
-                    on_progress(min(1.0, max(0.0, message.fraction)), message.message)
+                    try:  # progress is informative: failing to store it stops nothing
+                        on_progress(min(1.0, max(0.0, message.fraction)), message.message)
+                    except Exception as exc:
+                        log.warning("progress_not_recorded", error=str(exc))
                 else:
                     result.append(message)
 

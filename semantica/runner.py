@@ -311,13 +311,33 @@ def _retry_after(value: Any) -> int | None:
     return round(value)
 
 
+def _at_line_start(fd: int) -> bool:
+    """Whether the log file behind `fd` is empty or ends with a newline (True when it
+    cannot be read back: a pipe or a terminal)."""
+    try:
+        size = os.fstat(fd).st_size
+        return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+    except OSError:
+        return True
+
+
 def _job_logger() -> logging.Logger:
     """`semantica.job`, writing through a root handler on stderr (the job log)."""
     import logging
 
+    class LineStartHandler(logging.StreamHandler):
+        """Starts each record on a line of its own, even after job output that did
+        not end with a newline (`printf`), so the two never run together."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            _flush_std_streams()
+            if not _at_line_start(2):
+                _write_stderr_raw(b"\n")
+            super().emit(record)
+
     root = logging.getLogger()
     if not any(getattr(h, "semantica_job_log", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LineStartHandler(sys.stderr)
         formatter = logging.Formatter(
             "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
             datefmt="%Y-%m-%dT%H:%M:%S",

@@ -12,12 +12,19 @@ import math
 import random
 from collections.abc import Callable
 
+import msgspec
 import trio
 
 from semantica import log
 from semantica.domain import Job, Outcome, State
 from semantica.launcher import Launcher, kill_orphaned_runner
+from semantica.probe import SAMPLE_EVERY_S
 from semantica.store import Conditions, StorageUnavailable, Store
+
+ALL_CONDITIONS = Conditions(cpu_idle=True, on_ac_power=True)
+SAMPLE_EVERY_MS = int(SAMPLE_EVERY_S * 1000)
+RETRY_FIRST_S = 1.0  # after the store failed, look again after this, doubling
+RETRY_MAX_S = 30.0
 
 CANCELLED_WHILE_RUNNING = Outcome(
     error_kind="cancelled", error_message="stopped: cancelled or superseded while running"
@@ -48,6 +55,10 @@ class Dispatcher:
         self._running: dict[str, trio.CancelScope] = {}
         self._stopping = False
         self._job_ended = trio.Event()
+        self._unrecorded: list[tuple[Job, Outcome]] = []
+        self._caught_up = False
+        self._failures = 0
+        self._idle_admitted_at = -SAMPLE_EVERY_MS
         self.wakeups = 0
 
     # ----------------------------------------------------------------- events
@@ -106,22 +117,50 @@ class Dispatcher:
     # ----------------------------------------------------------------- the loop
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        for job_id in self.store.expire_overdue(now=self.clock()):  # expired while stopped
-            self.on_job_changed(self.store.get(job_id))
-        for when in self.store.next_due_times(now=self.clock()):
-            self.due_at(when)
+        self._guarded(self._catch_up)
         async with trio.open_nursery() as jobs:
             task_status.started()
             while True:
                 self._wake = trio.Event()
-                self.step(jobs)
+                if self._guarded(self.step, jobs):
+                    self._failures = 0
                 delay = self._seconds_to_next_due()
                 with trio.move_on_after(delay):
                     await self._wake.wait()
                 self.wakeups += 1
 
+    def _catch_up(self) -> None:
+        """What happened while no daemon ran: expiries, and the due times to wait for."""
+        for job_id in self.store.expire_overdue(now=self.clock()):
+            self.on_job_changed(self.store.get(job_id))
+        for when in self.store.next_due_times(now=self.clock()):
+            self.due_at(when)
+        self._caught_up = True
+
+    def _guarded(self, fn: Callable[..., None], *args: object) -> bool:
+        """Run one look; if the store fails (a full disk, a locked file), log it and look
+        again after a growing pause instead of stopping the daemon."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._failures += 1
+            retry_s = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._failures - 1))
+            log.error(
+                "dispatcher_step_failed",
+                error=str(exc) if isinstance(exc, StorageUnavailable) else repr(exc),
+                retry_in_s=retry_s,
+                exc_info=not isinstance(exc, StorageUnavailable),
+            )
+            self.due_at(self.clock() + int(retry_s * 1000))
+            return False
+        return True
+
     def step(self, jobs: trio.Nursery) -> None:
-        """One look: expire what is overdue, then start ready jobs while there is room."""
+        """One look: record what could not be, expire what is overdue, then start ready
+        jobs while there is room."""
+        if not self._caught_up:
+            self._catch_up()
+        self._record_unrecorded()
         now = self.clock()
         if self._due and self._due[0] <= now:
             while self._due and self._due[0] <= now:
@@ -133,15 +172,45 @@ class Dispatcher:
                     heapq.heappush(self._due, when)
             for job_id in self.store.expire_overdue(now=now):  # only when something is due
                 self.on_job_changed(self.store.get(job_id))
-        while not self._stopping and len(self._running) < self.workers:
-            job = self.store.claim_next_job(
-                now=now, global_limit=self.workers, conditions=self.conditions()
-            )
+        if self._stopping or len(self._running) >= self.workers:
+            return
+        # The sensors are read only while some queued job waits on them.
+        wants_idle, wants_power = self.store.gated_waiting()
+        offered = self.conditions() if wants_idle or wants_power else ALL_CONDITIONS
+        if offered.cpu_idle and now < self._idle_admitted_at + SAMPLE_EVERY_MS:
+            offered = msgspec.structs.replace(offered, cpu_idle=False)
+        while len(self._running) < self.workers:
+            job = self.store.claim_next_job(now=now, global_limit=self.workers, conditions=offered)
             if job is None:
                 break
+            if job.wait_for_idle:
+                # This job's own load is not yet in the reading: admit one idle-gated
+                # job per sample, and let the next reading decide about the next one.
+                offered = msgspec.structs.replace(offered, cpu_idle=False)
+                self._idle_admitted_at = now
             self._running[job.id] = trio.CancelScope()
             self.on_job_changed(job)
             jobs.start_soon(self._run_job, job)
+        if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
+            # A gated job may be waiting on a condition: read the sensors again soon.
+            # Only while such a job is queued; an idle daemon does not wake for this.
+            self.due_at(now + SAMPLE_EVERY_MS)
+
+    def _record_unrecorded(self) -> None:
+        """Outcomes the store could not take when their attempts ended, retried."""
+        while self._unrecorded:
+            job, outcome = self._unrecorded[0]
+            ended = self.store.finish(
+                job.id, outcome, now=self.clock(), rng=self.rng, attempt=job.attempt
+            )
+            self._unrecorded.pop(0)
+            log.event("job_finish_recorded_late", job_id=job.id, state=ended.state.value)
+            self._after_finish(ended)
+
+    def _after_finish(self, ended: Job) -> None:
+        if ended.state is State.QUEUED:
+            self.due_at(ended.run_after)
+        self.on_job_changed(ended)
 
     def _seconds_to_next_due(self) -> float:
         if not self._due:
@@ -150,6 +219,7 @@ class Dispatcher:
 
     async def _run_job(self, job: Job) -> None:
         scope = self._running[job.id]
+        outcome: Outcome | None = None
         try:
             with scope:
                 outcome = await self.launcher.run(
@@ -161,41 +231,52 @@ class Dispatcher:
                 )
             if scope.cancelled_caught:
                 if self._stopping:
-                    ended = self.store.requeue(job.id, now=self.clock(), attempt=job.attempt)
-                    log.event("job_requeued", job_id=job.id, reason="daemon stopping")
-                    self.on_job_changed(ended)
+                    self._requeue(job)
                     return
                 outcome = CANCELLED_WHILE_RUNNING
-            ended = self.store.finish(
-                job.id, outcome, now=self.clock(), rng=self.rng, attempt=job.attempt
-            )
-            if ended.state is State.QUEUED:
-                self.due_at(ended.run_after)
-            self.on_job_changed(ended)
-        except StorageUnavailable as exc:
-            log.error("job_finish_not_recorded", job_id=job.id, error=str(exc))
+            assert outcome is not None
+            self._finish(job, outcome)
         except Exception as exc:  # one job's trouble must never stop the dispatcher
             log.error("job_run_failed", job_id=job.id, error=repr(exc), exc_info=True)
-            self._record_internal_failure(job, exc)
+            self._finish(
+                job,
+                Outcome(
+                    error_kind="internal",
+                    error_message=f"the daemon failed to run this attempt ({exc!r}); see its log",
+                ),
+            )
         finally:
             del self._running[job.id]
             self._job_ended.set()
             self.wake()
 
-    def _record_internal_failure(self, job: Job, exc: Exception) -> None:
-        outcome = Outcome(
-            error_kind="internal",
-            error_message=f"the daemon failed to run this attempt ({exc!r}); see its log",
-        )
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        """Record an attempt's outcome; if the store cannot take it now, keep it and
+        retry (the job stays RUNNING in the database until then, holding its key)."""
         try:
             ended = self.store.finish(
                 job.id, outcome, now=self.clock(), rng=self.rng, attempt=job.attempt
             )
-        except Exception as again:
-            log.error("job_finish_not_recorded", job_id=job.id, error=repr(again))
+        except Exception as exc:
+            log.error(
+                "job_finish_not_recorded",
+                job_id=job.id,
+                error=str(exc),
+                advice="kept in memory and retried; a restart counts the attempt as orphaned",
+            )
+            self._unrecorded.append((job, outcome))
+            self.due_at(self.clock() + int(RETRY_FIRST_S * 1000))
+            return
+        self._after_finish(ended)
+
+    def _requeue(self, job: Job) -> None:
+        try:
+            ended = self.store.requeue(job.id, now=self.clock(), attempt=job.attempt)
+        except Exception as exc:  # a restart finds it RUNNING and recovers it
+            log.error("job_requeue_failed", job_id=job.id, error=str(exc))
             return
         if ended.state is State.QUEUED:
-            self.due_at(ended.run_after)
+            log.event("job_requeued", job_id=job.id, reason="daemon stopping")
         self.on_job_changed(ended)
 
     async def drain(self, grace_s: float) -> None:
@@ -206,6 +287,7 @@ class Dispatcher:
         for scope in list(self._running.values()):
             scope.cancel()
         await self._all_jobs_ended()
+        self._guarded(self._record_unrecorded)
 
     async def _all_jobs_ended(self) -> None:
         while self._running:

@@ -385,8 +385,14 @@ RETURNING {JOB_COLUMNS}
 """
 
 SQL_NEXT_RUN_AFTER = """
-SELECT min(run_after) FROM jobs INDEXED BY jobs_queue_claim_order
+SELECT min(run_after) FROM jobs INDEXED BY jobs_run_after
 WHERE state = 'QUEUED' AND run_after > :now
+"""
+
+SQL_GATED_WAITING = """
+SELECT coalesce(max(wait_for_idle), 0), coalesce(max(require_charging), 0)
+FROM jobs INDEXED BY jobs_gated
+WHERE state = 'QUEUED' AND (wait_for_idle = 1 OR require_charging = 1)
 """
 
 SQL_NEXT_EXPIRY = """
@@ -945,6 +951,12 @@ class Store:
         run_after = self._db.execute(SQL_NEXT_RUN_AFTER, {"now": now}).fetchall()[0][0]
         expiry = self._db.execute(SQL_NEXT_EXPIRY, {"now": now}).fetchall()[0][0]
         return run_after, expiry
+
+    def gated_waiting(self) -> tuple[bool, bool]:
+        """Whether any QUEUED job waits for (CPU idle, AC power): the sensors are read
+        only while one does."""
+        idle, charging = self._db.execute(SQL_GATED_WAITING).fetchall()[0]
+        return bool(idle), bool(charging)
 
     # ----------------------------------------------------------------- cancel
 

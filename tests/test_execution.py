@@ -145,6 +145,26 @@ def test_progress_and_logs_follow(client):
     assert again.lines == [] and again.eof
 
 
+def test_job_output_without_newline_and_runner_lines_stay_apart(client):
+    job = run_to_end(client, job_type="shell", payload={"argv": ["printf", "no newline"]})
+    lines = client.logs(job.id, n=10).lines
+    assert "no newline" in lines and "done in" in lines[-1]
+
+
+def test_following_an_ended_job_returns_its_last_line_without_newline(client, daemon):
+    # The runner dies by SIGKILL right after the output: no line of its own follows.
+    script = "printf 'one\\nlast words'; kill -9 $PPID; sleep 5"
+    job = run_to_end(
+        client, job_type="shell", payload={"argv": ["sh", "-c", script]}, max_attempts=1
+    )
+    assert job.error_kind == "signal"
+    path = daemon.home / "logs" / f"{job.id}.log"
+    assert path.read_bytes().endswith(b"last words")
+    chunk = client.logs(job.id, offset=0)
+    assert chunk.lines[-1] == "last words" and chunk.eof
+    assert chunk.offset == path.stat().st_size
+
+
 def test_runners_are_listed_with_their_distribution(client):
     runners = {r.name: r for r in client.runners().runners}
     assert {"noop", "sleep", "fail", "shell", "python", "index_file"} <= runners.keys()

@@ -1,0 +1,2 @@
+DROP INDEX jobs_gated;
+DROP INDEX jobs_run_after;

@@ -12,12 +12,11 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from semantica import __version__, log
+from semantica import __version__, joblog, log
 from semantica import protocol as p
 from semantica.domain import EnqueueRequest, IllegalTransition, Job, State, ValidationError
 from semantica.durability import Checkpointer, WalSync
@@ -47,52 +46,6 @@ WRITING_METHODS = frozenset(
 )
 LOG_FOLLOW_CHECK_S = 0.2
 LOG_TAIL_MAX_LINES = 100_000
-LOG_CHUNK_MAX_BYTES = 1024 * 1024
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_from(path: Path, offset: int, *, to_end: bool = False) -> tuple[bytes, int]:
-    """Whole lines after `offset` (up to 1 MiB), and the offset after them. With
-    `to_end` (the job has ended, nothing more will be written) a last line without
-    its newline is included too."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(LOG_CHUNK_MAX_BYTES)
-    except FileNotFoundError:
-        return b"", offset
-    full = len(data) == LOG_CHUNK_MAX_BYTES
-    if to_end and not full:
-        return data, offset + len(data)
-    cut = data.rfind(b"\n") + 1
-    if cut == 0 and full:  # one line longer than a chunk: hand it over in pieces
-        cut = len(data)
-    return data[:cut], offset + cut
-
-
-def _last_lines(path: Path, n: int) -> tuple[list[str], int]:
-    """The last `n` lines of a file (at most its last 1 MiB), reading backwards only
-    as far as needed."""
-    if n == 0:
-        return [], _size(path)
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            floor = max(0, size - LOG_CHUNK_MAX_BYTES)
-            block, data = 65536, b""
-            while size - len(data) > floor and data.count(b"\n") <= n:
-                start = max(floor, size - len(data) - block)
-                f.seek(start)
-                data = f.read(size - len(data) - start) + data
-    except FileNotFoundError:
-        return [], 0
-    return data.decode("utf-8", "replace").splitlines()[-n:], size
 
 
 def wall_clock_ms() -> int:
@@ -376,17 +329,17 @@ class Api:
         job = self.store.get(params.id)
         path = self.launcher.log_path(job.id)
         if params.offset is None:
-            lines, size = await trio.to_thread.run_sync(_last_lines, path, params.n)
+            lines, size = await trio.to_thread.run_sync(joblog.last_lines, path, params.n)
             return p.LogChunk(lines=lines, offset=size, eof=job.is_terminal)
         deadline = trio.current_time() + params.wait_ms / 1000
         while True:
             job = self.store.get(job.id)  # read before the file: an ended job wrote all
             data, offset = await trio.to_thread.run_sync(
-                functools.partial(_read_from, path, params.offset, to_end=job.is_terminal)
+                functools.partial(joblog.read_from, path, params.offset, to_end=job.is_terminal)
             )
             if data or job.is_terminal or trio.current_time() >= deadline or self.draining:
                 lines = data.decode("utf-8", "replace").splitlines()
-                eof = job.is_terminal and offset >= _size(path)
+                eof = job.is_terminal and offset >= joblog.file_size(path)
                 return p.LogChunk(lines=lines, offset=offset, eof=eof)
             with trio.move_on_at(deadline):  # new output is checked a few times a second
                 with trio.move_on_after(LOG_FOLLOW_CHECK_S):

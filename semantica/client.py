@@ -256,6 +256,14 @@ class Client(_Methods):
                 self._sock = None
             self._buffer.clear()
 
+    def connect(self) -> Client:
+        """Connect now (calls connect on first use anyway): DaemonNotRunning if nothing
+        answers."""
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+        return self
+
     def _connect(self) -> None:
         t = self.target
         try:

@@ -502,6 +502,7 @@ class Store:
         self._checkpointer: apsw.Connection | None = None
         self.needs_sync = False  # group_sync: sync_wal() before acknowledging writes
         self._synchronous = "FULL"
+        self.read_only = False
 
     @classmethod
     def open(
@@ -544,9 +545,38 @@ class Store:
         store._synchronous = synchronous
         return store
 
+    @classmethod
+    def open_read_only(cls, path: str | os.PathLike[str]) -> Store:
+        """Open an existing database for reading only (the daemon is not running: the
+        CLI shows its data). Never creates, migrates or writes anything."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise StorageUnavailable(f"no database at {path}: start the daemon once to create it")
+        db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            db.set_busy_timeout(BUSY_TIMEOUT_MS)
+            version, latest = _user_version(db), latest_schema_version()
+            if version > latest:
+                raise SchemaTooNew(
+                    f"{path} has schema version {version}, newer than this Semantica "
+                    f"knows ({latest}): upgrade Semantica to read it"
+                )
+            if version < latest:
+                raise StorageUnavailable(
+                    f"{path} has schema version {version}, older than {latest}: start "
+                    "the daemon once to migrate it"
+                )
+        except BaseException:
+            db.close()
+            raise
+        store = cls(db, path)
+        store.read_only = True
+        return store
+
     def close(self) -> None:
         """Checkpoint-friendly close: optimise query plans, then release the file."""
-        self._db.execute("PRAGMA optimize")
+        if not self.read_only:
+            self._db.execute("PRAGMA optimize")
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None

@@ -14,11 +14,19 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
 import trio
 
 from semantica import __version__, joblog, log
 from semantica import protocol as p
-from semantica.domain import EnqueueRequest, IllegalTransition, Job, State, ValidationError
+from semantica.domain import (
+    EnqueueRequest,
+    IllegalTransition,
+    Job,
+    State,
+    ValidationError,
+    waiting_reason,
+)
 from semantica.durability import Checkpointer, WalSync
 from semantica.launcher import Launcher
 from semantica.plugins import installed_runners
@@ -187,6 +195,7 @@ class Api:
         self.store = store
         self.home = home
         self.clock = clock
+        self.conditions = conditions
         self.launcher = launcher
         self.metrics = p.Counters()
         self.watch = JobWatch()
@@ -230,7 +239,7 @@ class Api:
             case "dev.cancel.v1":
                 return self.cancel(params)
             case "jobs.get.v1":
-                return self.store.get(params.id)
+                return self.with_waiting_reason(self.store.get(params.id))
             case "jobs.list.v1":
                 return self.list_jobs(params)
             case "jobs.wait.v1":
@@ -413,6 +422,19 @@ class Api:
             fields["duration_ms"] = job.finished_at - job.started_at
         log.event("job_state_changed", **fields)
 
+    def with_waiting_reason(self, job: Job) -> Job:
+        """A QUEUED job with the reason it has not started (what the claim checks)."""
+        if job.state is not State.QUEUED:
+            return job
+        now = self.clock()
+        facts = self.store.wait_facts(job, now=now, global_limit=self.dispatcher.workers)
+        if job.wait_for_idle or job.require_charging:
+            offered = self.conditions()
+            facts = msgspec.structs.replace(
+                facts, cpu_idle=offered.cpu_idle, on_ac_power=offered.on_ac_power
+            )
+        return msgspec.structs.replace(job, waiting_reason=waiting_reason(job, facts, now))
+
     def list_jobs(self, params: p.ListParams) -> p.JobPage:
         jobs, cursor = self.store.list(params, limit=params.limit, cursor=params.cursor)
         return p.JobPage(jobs=jobs, next_cursor=cursor)
@@ -425,7 +447,7 @@ class Api:
             while not job.is_terminal and not self.draining:
                 await self.watch.wait_for_change(params.id)
                 job = self.store.get(params.id)
-        return self.store.get(params.id)
+        return self.with_waiting_reason(self.store.get(params.id))
 
     # ----------------------------------------------------------------- admin
 

@@ -23,7 +23,7 @@ from semantica import config as config_mod
 from semantica.api import Api
 from semantica.config import Config, ConfigError
 from semantica.launcher import Launcher
-from semantica.probe import SystemProbe
+from semantica.probe import FileProbe, SystemProbe
 from semantica.server import Limits, Server, SocketInUse, open_unix_listener, raise_fd_limit
 from semantica.store import SchemaTooNew, StorageUnavailable, Store
 
@@ -46,6 +46,8 @@ FLAGS = {
     "--request-timeout-s": "SEMANTICA_REQUEST_TIMEOUT_S",
     "--rate-limit": "SEMANTICA_RATE_LIMIT",
     "--rate-burst": "SEMANTICA_RATE_BURST",
+    "--cpu-idle-percent": "SEMANTICA_CPU_IDLE_PERCENT",
+    "--conditions-file": "SEMANTICA_CONDITIONS_FILE",
 }
 
 
@@ -220,7 +222,11 @@ async def serve(cfg: Config) -> None:
             home=str(cfg.home),
             launcher=launcher,
             workers=cfg.workers,
-            conditions=SystemProbe().conditions,
+            conditions=(
+                FileProbe(cfg.conditions_file)
+                if cfg.conditions_file is not None
+                else SystemProbe(idle_below_percent=cfg.cpu_idle_percent)
+            ).conditions,
             request_shutdown=shutdown.set,
         )
         for job in api.dispatcher.recover():  # runners of a crashed daemon: before serving

@@ -413,3 +413,70 @@ def state_after_attempt(
             job.attempt, base_ms=job.backoff_base_ms, factor=job.backoff_factor, rng=rng
         )
     return State.QUEUED, now_ms + delay
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+class WaitFacts(msgspec.Struct, kw_only=True, frozen=True):
+    """What stands between a QUEUED job and a worker, as the store sees it now.
+
+    Each field mirrors one condition of the claim (store.SQL_CLAIM); `waiting_reason`
+    turns them into the answer `jobs.get.v1` gives.
+    """
+
+    queue_paused: bool = False
+    queue_limit: int | None = None
+    queue_running: int = 0
+    global_limit: int = 1
+    global_running: int = 0
+    unfinished_dependencies: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    latest_generation: int | None = None
+    running_same_subject: str | None = None
+    cpu_idle: bool = True
+    on_ac_power: bool = True
+    ahead: int = 0  # ready jobs that the claim order puts first
+
+
+def waiting_reason(job: Job, facts: WaitFacts, now_ms: int) -> str | None:
+    """Why a QUEUED job has not started yet, in words a person can act on; None when
+    it is not QUEUED. The first reason that applies is given (each alone holds it)."""
+    if job.state is not State.QUEUED:
+        return None
+    if job.run_after > now_ms:
+        wait = f"{(job.run_after - now_ms) / 1000:.1f}s"
+        if job.attempt > 0:
+            return f"retry backoff: attempt {job.attempt + 1} starts in {wait}"
+        return f"scheduled: schedule_at is in {wait}"
+    if facts.unfinished_dependencies:
+        dep, state = facts.unfinished_dependencies[0]
+        more = len(facts.unfinished_dependencies) - 1
+        return f"waiting for dependency {dep} ({state})" + (f" and {more} more" if more else "")
+    if (
+        job.generation is not None
+        and facts.latest_generation is not None
+        and facts.latest_generation > job.generation
+    ):
+        return (
+            f"a newer generation ({facts.latest_generation}) of subject "
+            f"{job.subject_key!r} exists: this one will not run"
+        )
+    if facts.running_same_subject is not None:
+        return (
+            f"an older generation of subject {job.subject_key!r} is still running "
+            f"(job {facts.running_same_subject})"
+        )
+    if facts.queue_paused:
+        return f"queue {job.queue!r} is paused: resume it with `semantica-cli resume {job.queue}`"
+    if facts.queue_limit is not None and facts.queue_running >= facts.queue_limit:
+        return f"queue {job.queue!r} is full: {facts.queue_running} of {facts.queue_limit} running"
+    if job.wait_for_idle and not facts.cpu_idle:
+        return "waiting for the CPU to be idle (wait_for_idle)"
+    if job.require_charging and not facts.on_ac_power:
+        return "waiting for AC power: on battery (require_charging)"
+    if facts.global_running >= facts.global_limit:
+        return f"all {facts.global_limit} workers are busy"
+    if facts.ahead:
+        count = f"{facts.ahead}+" if facts.ahead >= 1000 else str(facts.ahead)
+        return f"ready: {count} job(s) ahead of it by priority and age"
+    return "ready: starting now"

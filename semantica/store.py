@@ -258,6 +258,34 @@ SQL_GET = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 
 SQL_COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'RUNNING'"
 
+SQL_WAIT_QUEUE = """
+SELECT q.paused, q.concurrency,
+       (SELECT count(*) FROM jobs WHERE state = 'RUNNING' AND queue = q.name)
+FROM queues AS q WHERE q.name = ?
+"""
+
+SQL_WAIT_DEPS = """
+SELECT p.id, p.state FROM job_deps AS d JOIN jobs AS p ON p.id = d.depends_on
+WHERE d.job_id = ? AND p.state <> 'DONE' ORDER BY p.seq
+"""
+
+SQL_WAIT_SUBJECT = """
+SELECT (SELECT latest_generation FROM subjects
+        WHERE queue = :queue AND job_type = :job_type AND subject_key = :subject_key),
+       (SELECT id FROM jobs WHERE state = 'RUNNING' AND queue = :queue
+        AND job_type = :job_type AND subject_key = :subject_key)
+"""
+
+# Ready QUEUED jobs of eligible queues that the claim order puts before this one.
+SQL_WAIT_AHEAD = """
+SELECT count(*) FROM (
+    SELECT 1 FROM jobs AS j JOIN queues AS q ON q.name = j.queue
+    WHERE j.state = 'QUEUED' AND q.paused = 0 AND j.run_after <= :now
+      AND (j.priority > :priority OR (j.priority = :priority AND j.seq < :seq))
+    LIMIT :cap)
+"""
+WAIT_AHEAD_CAP = 1000  # "1000 or more ahead" is answer enough; the count stays cheap
+
 # The claim: one statement picks and takes the best ready job, so two claimers can
 # never take the same job and the rules below hold at the instant of the write. It
 # looks at the head of each eligible queue only (not paused, under its concurrency),
@@ -981,6 +1009,35 @@ class Store:
         run_after = self._db.execute(SQL_NEXT_RUN_AFTER, {"now": now}).fetchall()[0][0]
         expiry = self._db.execute(SQL_NEXT_EXPIRY, {"now": now}).fetchall()[0][0]
         return run_after, expiry
+
+    def wait_facts(self, job: Job, *, now: int, global_limit: int) -> domain.WaitFacts:
+        """What holds a QUEUED job back now (see domain.waiting_reason)."""
+        db = self._db
+        paused, limit, queue_running = db.execute(SQL_WAIT_QUEUE, (job.queue,)).fetchall()[0]
+        latest, running_same = None, None
+        if job.subject_key is not None:
+            latest, running_same = db.execute(
+                SQL_WAIT_SUBJECT,
+                {"queue": job.queue, "job_type": job.job_type, "subject_key": job.subject_key},
+            ).fetchall()[0]
+        seq = db.execute("SELECT seq FROM jobs WHERE id = ?", (job.id,)).fetchall()[0][0]
+        ahead = db.execute(
+            SQL_WAIT_AHEAD,
+            {"now": now, "priority": job.priority, "seq": seq, "cap": WAIT_AHEAD_CAP},
+        ).fetchall()[0][0]
+        return domain.WaitFacts(
+            queue_paused=bool(paused),
+            queue_limit=limit,
+            queue_running=queue_running,
+            global_limit=global_limit,
+            global_running=self.count_running(),
+            unfinished_dependencies=[
+                (dep, state) for dep, state in db.execute(SQL_WAIT_DEPS, (job.id,))
+            ],
+            latest_generation=latest,
+            running_same_subject=running_same,
+            ahead=ahead,
+        )
 
     def gated_waiting(self) -> tuple[bool, bool]:
         """Whether any QUEUED job waits for (CPU idle, AC power): the sensors are read

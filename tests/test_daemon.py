@@ -12,6 +12,7 @@ import threading
 import time
 
 import anyio
+import msgspec
 import psutil
 import pytest
 from harness import API_TEST_QUEUES, daemon_env, http_post, make_home, remove_home, start_daemon
@@ -40,7 +41,12 @@ def test_sdk_round_trip(daemon):
     with daemon.client() as c:
         job = c.enqueue(job_type="noop", subject_key="src/main.rs", payload={"n": 1})
         assert job.state is State.QUEUED and job.payload == {"n": 1}
-        assert c.get(job.id) == job
+        got = c.get(job.id)
+        assert (
+            got.waiting_reason
+            == "queue 'default' is paused: resume it with `semantica-cli resume default`"
+        )
+        assert msgspec.structs.replace(got, waiting_reason=None) == job
         assert [j.id for j in c.list(subject="src/main.rs").jobs] == [job.id]
         assert c.cancel(job.id).cancelled == [job.id]
         assert c.wait(job.id, timeout_ms=1000).state is State.CANCELLED

@@ -161,7 +161,7 @@ def job_panel(job: Job) -> Panel:
         row("progress", bar)
     if job.error_kind:
         row("error", Text(f"{job.error_kind}: {job.error_message or ''}", style="red"))
-    row("exit code", job.exit_code)
+    row("exit code", job.exit_code if job.error_kind else None)
     if job.result_summary is not None:
         row("result", json.dumps(job.result_summary, indent=2, ensure_ascii=False))
     row("artifacts", "\n".join(job.artifacts))

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,6 +30,7 @@ from semantica.domain import (
 )
 from semantica.durability import Checkpointer, WalSync
 from semantica.launcher import Launcher
+from semantica.maintenance import Maintenance, backup
 from semantica.plugins import installed_runners
 from semantica.scheduler import Dispatcher
 from semantica.store import (
@@ -191,6 +193,8 @@ class Api:
         conditions: Callable[[], Conditions],
         clock: Callable[[], int] = wall_clock_ms,
         request_shutdown: Callable[[], None] = lambda: None,
+        retention_days: float = 7.0,
+        max_db_size_mb: int = 1000,
     ) -> None:
         self.store = store
         self.home = home
@@ -212,6 +216,13 @@ class Api:
         self.committer.on_committed = self._after_enqueue
         self.wal_sync = WalSync(store)
         self.checkpointer = Checkpointer(store)
+        self.maintenance = Maintenance(
+            store,
+            Path(home),
+            retention_days=retention_days,
+            max_db_size_mb=max_db_size_mb,
+            clock=clock,
+        )
         self.request_shutdown = request_shutdown
         self.started_at = clock()
         self.started_monotonic = time.monotonic()
@@ -270,6 +281,10 @@ class Api:
             case "admin.shutdown.v1":
                 self.request_shutdown()
                 return p.Stopping(stopping=True)
+            case "admin.maintenance.v1":
+                return await self.maintenance.run(force_vacuum=params.force_vacuum)
+            case "admin.backup.v1":
+                return await backup(self.store, self._backup_path(params.path))
         raise p.RpcError(p.METHOD_NOT_FOUND, f"no handler for {method!r}")
 
     # ----------------------------------------------------------------- jobs
@@ -451,6 +466,25 @@ class Api:
 
     # ----------------------------------------------------------------- admin
 
+    def _backup_path(self, raw: str) -> Path:
+        """Where a backup may go: an absolute path, in an existing directory, not
+        already taken (a backup never overwrites anything)."""
+        path = Path(raw)
+        if not path.is_absolute():
+            raise ValidationError(
+                "path", f"must be absolute (the daemon's directory is not yours): {raw!r}"
+            )
+        if not path.parent.is_dir():
+            raise ValidationError("path", f"{path.parent} is not a directory: create it first")
+        if path.exists() or Path(f"{path}.partial").exists():
+            raise ValidationError("path", f"{path} exists already: choose a new file name")
+        if path.resolve() in {
+            Path(self.store.path).resolve(),
+            Path(f"{self.store.path}-wal").resolve(),
+        }:
+            raise ValidationError("path", "is the live database itself")
+        return path
+
     def stats(self) -> p.StatsResult:
         stats = self.store.stats()
         return p.StatsResult(
@@ -462,6 +496,7 @@ class Api:
             counters=self.metrics,
             wal_fsyncs_total=self.wal_sync.fsyncs,
             wal_checkpoints_total=self.checkpointer.checkpoints,
+            maintenance_runs_total=self.maintenance.runs,
         )
 
     async def health(self, params: p.HealthParams) -> p.HealthResult:

@@ -535,6 +535,38 @@ def runners(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def maintenance(
+    force_vacuum: Annotated[
+        bool, typer.Option(help="Rewrite the whole file (holds the daemon while it runs).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete finished jobs past retention and orphaned files; checkpoint; vacuum."""
+    with failures(as_json):
+        r = session().client.maintenance(force_vacuum=force_vacuum)
+        human = (
+            f"removed {r.jobs_deleted} finished job(s), {r.files_deleted} of their files, "
+            f"{r.orphans_deleted} orphaned file(s); vacuum: {r.vacuum}; database "
+            f"{r.db_bytes_before / 1048576:.1f} → {r.db_bytes_after / 1048576:.1f} MiB "
+            f"in {view.duration(r.duration_ms)}"
+        )
+        emit(r, as_json, human)
+
+
+@app.command()
+def backup(
+    path: Annotated[Path, typer.Argument(help="A new file for the copy.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a consistent copy of the database while the daemon keeps serving."""
+    with failures(as_json):
+        r = session().client.backup(path.expanduser().absolute())
+        emit(
+            r, as_json, f"backed up to {r.path} ({r.bytes / 1048576:.1f} MiB) in {r.duration_ms} ms"
+        )
+
+
+@app.command()
 def shutdown(as_json: JsonOpt = False) -> None:
     """Ask the daemon to drain and stop."""
     with failures(as_json):

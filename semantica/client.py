@@ -30,6 +30,7 @@ T = TypeVar("T")
 _decode_response = msgspec.json.Decoder(p.ResponseIn).decode
 DEFAULT_TIMEOUT_S = 30.0
 WAIT_SLACK_S = 10.0
+MAINTENANCE_TIMEOUT_S = 3600.0  # a vacuum or a backup of a large database takes a while
 START_HINT = "start it with `semantica` (or `make run` in a checkout), then retry"
 
 
@@ -225,6 +226,24 @@ class _Methods:
 
     def health(self, *, integrity_check: bool = False) -> p.HealthResult:
         return self._call("admin.health.v1", {"integrity_check": integrity_check}, p.HealthResult)
+
+    def maintenance(self, *, force_vacuum: bool = False) -> p.MaintenanceReport:
+        """Delete finished jobs past retention and orphaned files, checkpoint, vacuum."""
+        return self._call(
+            "admin.maintenance.v1",
+            {"force_vacuum": force_vacuum},
+            p.MaintenanceReport,
+            timeout=MAINTENANCE_TIMEOUT_S,
+        )
+
+    def backup(self, path: str | os.PathLike[str]) -> p.BackupReport:
+        """A consistent copy of the database at `path` (absolute, not existing yet)."""
+        return self._call(
+            "admin.backup.v1",
+            {"path": os.path.abspath(path)},
+            p.BackupReport,
+            timeout=MAINTENANCE_TIMEOUT_S,
+        )
 
     def shutdown(self) -> p.Stopping:
         """Ask the daemon to drain and stop."""

@@ -38,6 +38,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     rate_per_s: float = 20_000.0
     rate_burst: float = 5_000.0
     cpu_idle_percent: float = 30.0
+    maintenance_hours: float = 24.0
     conditions_file: Path | None = None
 
     @property
@@ -142,6 +143,7 @@ def load(
         request_timeout_s=number("SEMANTICA_REQUEST_TIMEOUT_S", "30", 0.01, 3600),
         rate_per_s=number("SEMANTICA_RATE_LIMIT", "20000", 0.001, 1e9),
         rate_burst=number("SEMANTICA_RATE_BURST", "5000", 1, 1e9),
+        maintenance_hours=number("SEMANTICA_MAINTENANCE_HOURS", "24", 0.001, 8760),
         cpu_idle_percent=number("SEMANTICA_CPU_IDLE_PERCENT", "30", 0.1, 100),
         conditions_file=Path(raw).expanduser().absolute()
         if (raw := get("SEMANTICA_CONDITIONS_FILE", ""))

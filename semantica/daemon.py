@@ -47,6 +47,7 @@ FLAGS = {
     "--rate-limit": "SEMANTICA_RATE_LIMIT",
     "--rate-burst": "SEMANTICA_RATE_BURST",
     "--cpu-idle-percent": "SEMANTICA_CPU_IDLE_PERCENT",
+    "--maintenance-hours": "SEMANTICA_MAINTENANCE_HOURS",
     "--conditions-file": "SEMANTICA_CONDITIONS_FILE",
 }
 
@@ -228,6 +229,8 @@ async def serve(cfg: Config) -> None:
                 else SystemProbe(idle_below_percent=cfg.cpu_idle_percent)
             ).conditions,
             request_shutdown=shutdown.set,
+            retention_days=cfg.retention_days,
+            max_db_size_mb=cfg.max_db_size_mb,
         )
         for job in api.dispatcher.recover():  # runners of a crashed daemon: before serving
             api.job_changed(job)
@@ -257,6 +260,7 @@ async def serve(cfg: Config) -> None:
             async with trio.open_nursery() as daemon:
                 await daemon.start(api.checkpointer.run)
                 await daemon.start(api.dispatcher.run)
+                await daemon.start(api.maintenance.periodic, cfg.maintenance_hours * 3600)
                 daemon.start_soon(_watch_signals, shutdown, force)
                 async with trio.open_nursery() as serving:
                     await serving.start(server.serve, listeners)

@@ -132,6 +132,14 @@ class NoParams(Params):
     pass
 
 
+class MaintenanceParams(Params):
+    force_vacuum: bool = False
+
+
+class BackupParams(Params):
+    path: str
+
+
 class AuthParams(Params):
     token: str
 
@@ -177,6 +185,7 @@ class StatsResult(msgspec.Struct, kw_only=True):
     counters: Counters
     wal_fsyncs_total: int = 0  # group fsyncs that acknowledged writes (synchronous=FULL)
     wal_checkpoints_total: int = 0  # checkpoints run off the event loop
+    maintenance_runs_total: int = 0
 
 
 class HealthResult(msgspec.Struct, kw_only=True):
@@ -211,6 +220,22 @@ class Authenticated(msgspec.Struct, kw_only=True):
     authenticated: bool
 
 
+class MaintenanceReport(msgspec.Struct, kw_only=True):
+    jobs_deleted: int
+    files_deleted: int  # log files and artifact / work directories of deleted jobs
+    orphans_deleted: int  # files and directories no job refers to
+    vacuum: str  # "none", "incremental" or "full"
+    db_bytes_before: int
+    db_bytes_after: int
+    duration_ms: int
+
+
+class BackupReport(msgspec.Struct, kw_only=True):
+    path: str
+    bytes: int
+    duration_ms: int
+
+
 WAIT_TIMEOUT_MAX_MS = 3_600_000
 
 # The one table of methods: name -> params type. Handlers live in api.py.
@@ -231,6 +256,8 @@ METHODS: dict[str, type[msgspec.Struct]] = {
     "admin.stats.v1": NoParams,
     "admin.health.v1": HealthParams,
     "admin.shutdown.v1": NoParams,
+    "admin.maintenance.v1": MaintenanceParams,
+    "admin.backup.v1": BackupParams,
 }
 
 AUTH_METHOD = "auth"

@@ -9,6 +9,7 @@ the table, single-job changes call `domain.check_transition`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
@@ -417,6 +418,20 @@ SELECT min(run_after) FROM jobs INDEXED BY jobs_run_after
 WHERE state = 'QUEUED' AND run_after > :now
 """
 
+TERMINAL_SQL = ", ".join(sorted(f"'{s.value}'" for s in domain.TERMINAL_STATES))
+
+SQL_FINISHED_BEFORE = f"""
+SELECT id FROM jobs INDEXED BY jobs_finished
+WHERE finished_at < :cutoff AND state IN ({TERMINAL_SQL})
+ORDER BY finished_at LIMIT :limit
+"""
+
+SQL_DELETE_FINISHED = f"""
+DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?)) AND state IN ({TERMINAL_SQL})
+"""
+
+SQL_EXISTING_IDS = "SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
+
 SQL_GATED_WAITING = """
 SELECT coalesce(max(wait_for_idle), 0), coalesce(max(require_charging), 0)
 FROM jobs INDEXED BY jobs_gated
@@ -558,6 +573,10 @@ class Store:
         db = apsw.Connection(path)
         try:
             db.set_busy_timeout(BUSY_TIMEOUT_MS)
+            # On a new file (before WAL mode writes its header): free pages can then be
+            # handed back in small steps by maintenance, never needing a VACUUM that
+            # holds the database. A no-op on an existing file.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {'NORMAL' if deferred else synchronous}")
             db.execute("PRAGMA foreign_keys = ON")
@@ -1234,6 +1253,84 @@ class Store:
             running=by_state[State.RUNNING.value],
             db_size_bytes=page_count * page_size,
         )
+
+    # ----------------------------------------------------------------- maintenance
+
+    def finished_before(self, cutoff_ms: int, limit: int) -> list[str]:
+        """Ids of up to `limit` finished jobs that ended before `cutoff_ms`."""
+        return [
+            row[0]
+            for row in self._db.execute(SQL_FINISHED_BEFORE, {"cutoff": cutoff_ms, "limit": limit})
+        ]
+
+    def delete_jobs(self, ids: list[str]) -> int:
+        """Delete finished jobs (their dependency rows go with them). A job that is not
+        finished is never deleted, whatever the caller passed."""
+        with self._writing():
+            self._db.execute(SQL_DELETE_FINISHED, (_json_encode(ids),))
+            return self._db.changes()
+
+    def existing_ids(self, ids: list[str]) -> set[str]:
+        """Which of these ids are jobs (to tell orphaned files from kept ones)."""
+        return {row[0] for row in self._db.execute(SQL_EXISTING_IDS, (_json_encode(ids),))}
+
+    def page_stats(self) -> tuple[int, int, int, bool]:
+        """(pages, free pages, page size, whether free pages can be released in steps)."""
+        db = self._db
+        pages = db.execute("PRAGMA page_count").fetchall()[0][0]
+        free = db.execute("PRAGMA freelist_count").fetchall()[0][0]
+        size = db.execute("PRAGMA page_size").fetchall()[0][0]
+        incremental = db.execute("PRAGMA auto_vacuum").fetchall()[0][0] == 2
+        return pages, free, size, incremental
+
+    def release_free_pages(self, pages: int) -> None:
+        """Give up to `pages` free pages back to the file system (a short write)."""
+        with self._writing():
+            self._db.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+
+    def vacuum(self) -> None:
+        """Rebuild the whole file (and make later vacuums incremental). Holds the
+        database for as long as it takes: only on request or for an old-format file."""
+        try:
+            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._db.execute("VACUUM")
+        except (apsw.FullError, apsw.IOError, apsw.ReadOnlyError) as exc:
+            raise StorageUnavailable(_storage_advice(exc)) from exc
+
+    def backup_to(self, dest: str | os.PathLike[str]) -> int:
+        """A consistent copy of the database at `dest` (which must not exist), through
+        SQLite's backup API on a connection of its own, so it may run in a worker
+        thread while the owner keeps writing. Returns the copy's size in bytes."""
+        dest = os.fspath(dest)
+        tmp = f"{dest}.partial"
+        source = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            source.set_busy_timeout(BUSY_TIMEOUT_MS)
+            copy = apsw.Connection(tmp)
+            try:
+                with copy.backup("main", source, "main") as backup:
+                    backup.step(-1)  # all pages in one read transaction: one snapshot
+                copy.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            finally:
+                copy.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, dest)
+            _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+        except (apsw.FullError, apsw.IOError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+                raise
+            raise StorageUnavailable(
+                f"the backup to {dest} failed: {_storage_advice(exc)}"
+            ) from exc
+        finally:
+            source.close()
+        return os.path.getsize(dest)
 
     # ----------------------------------------------------------------- helpers
 

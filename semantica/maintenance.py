@@ -1,0 +1,181 @@
+"""Maintenance: retention, orphaned files, WAL checkpoint, vacuum; and online backup.
+
+Runs every `SEMANTICA_MAINTENANCE_HOURS` (24 by default) and on `admin.maintenance.v1`.
+Nothing here holds the database for long: finished jobs are deleted a few hundred at
+a time on the daemon's own connection (each batch a short transaction, the event
+loop serving between batches); file system work and the checkpoint run in worker
+threads; free pages go back to the file system in small incremental-vacuum steps.
+Only `force_vacuum` runs a full VACUUM, which holds the daemon while it rewrites the
+file (seconds per GiB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import trio
+
+from semantica import log
+from semantica.protocol import BackupReport, MaintenanceReport
+from semantica.store import StorageUnavailable, Store
+
+DELETE_BATCH = 500  # jobs per transaction: a few milliseconds each
+SWEEP_BATCH = 1000  # file names checked against the jobs table per query
+RELEASE_PAGES_STEP = 1024  # free pages handed back per incremental-vacuum step (4 MiB)
+FRAGMENTED_FREE_SHARE = 0.10  # vacuum when more than this share of pages is free
+
+
+def _remove(path: Path) -> bool:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _job_id_of(path: Path) -> str:
+    return path.name.removesuffix(".log")
+
+
+class Maintenance:
+    def __init__(
+        self,
+        store: Store,
+        home: Path,
+        *,
+        retention_days: float,
+        max_db_size_mb: int,
+        clock: Callable[[], int],
+    ) -> None:
+        self.store = store
+        self.dirs = [home / "logs", home / "artifacts", home / "work"]
+        self.retention_ms = int(retention_days * 86_400_000)
+        self.max_db_bytes = max_db_size_mb * 1024 * 1024
+        self.clock = clock
+        self.runs = 0
+        self._lock = trio.Lock()
+
+    def db_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.path.getsize(self.store.path + suffix)
+        return total
+
+    async def run(
+        self, *, force_vacuum: bool = False, reason: str = "requested"
+    ) -> MaintenanceReport:
+        async with self._lock:  # one run at a time; a second request waits for its turn
+            started = time.monotonic()
+            before = self.db_bytes()
+            deleted, files = await self._delete_expired()
+            orphans = await self._sweep_orphans()
+            await trio.to_thread.run_sync(self.store.checkpoint, "TRUNCATE")
+            vacuum = await self._vacuum(force_vacuum)
+            if vacuum != "none":
+                await trio.to_thread.run_sync(self.store.checkpoint, "TRUNCATE")
+            report = MaintenanceReport(
+                jobs_deleted=deleted,
+                files_deleted=files,
+                orphans_deleted=orphans,
+                vacuum=vacuum,
+                db_bytes_before=before,
+                db_bytes_after=self.db_bytes(),
+                duration_ms=int((time.monotonic() - started) * 1000),
+            )
+            self.runs += 1
+            log.event("maintenance_done", reason=reason, **msgspec.structs.asdict(report))
+            return report
+
+    async def periodic(self, every_s: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run every `every_s` seconds (a sleep in between: no idle wake-ups)."""
+        task_status.started()
+        while True:
+            await trio.sleep(every_s)
+            try:
+                await self.run(reason="scheduled")
+            except StorageUnavailable as exc:
+                log.error("maintenance_failed", error=str(exc), retry_in_s=every_s)
+            except Exception as exc:  # never let maintenance take the daemon down
+                log.error("maintenance_failed", error=repr(exc), exc_info=True)
+
+    async def _delete_expired(self) -> tuple[int, int]:
+        cutoff = self.clock() - self.retention_ms
+        deleted = files = 0
+        while ids := self.store.finished_before(cutoff, DELETE_BATCH):
+            deleted += self.store.delete_jobs(ids)
+            files += await trio.to_thread.run_sync(self._remove_files_of, ids)
+            await trio.sleep(0)  # let requests in between batches
+        return deleted, files
+
+    def _remove_files_of(self, ids: list[str]) -> int:
+        removed = 0
+        for job_id in ids:
+            for path in (
+                self.dirs[0] / f"{job_id}.log",
+                self.dirs[1] / job_id,
+                self.dirs[2] / job_id,
+            ):
+                removed += _remove(path)
+        return removed
+
+    async def _sweep_orphans(self) -> int:
+        """Files in logs/, artifacts/ and work/ whose job no longer exists."""
+        entries = await trio.to_thread.run_sync(self._list_entries)
+        removed = 0
+        for start in range(0, len(entries), SWEEP_BATCH):
+            batch = entries[start : start + SWEEP_BATCH]
+            kept = self.store.existing_ids([_job_id_of(p) for p in batch])
+            orphans = [p for p in batch if _job_id_of(p) not in kept]
+            if orphans:
+                removed += await trio.to_thread.run_sync(lambda o=orphans: sum(map(_remove, o)))
+            await trio.sleep(0)
+        return removed
+
+    def _list_entries(self) -> list[Path]:
+        entries: list[Path] = []
+        for d in self.dirs:
+            try:
+                entries += [Path(e.path) for e in os.scandir(d)]
+            except FileNotFoundError:
+                continue
+        return entries
+
+    async def _vacuum(self, force: bool) -> str:
+        pages, free, page_size, incremental = self.store.page_stats()
+        if force or (free and not incremental and self._needs_vacuum(pages, free, page_size)):
+            # On the daemon's own connection (an apsw connection is not shared across
+            # threads): requests wait until it is done. Only on request, or once for a
+            # file made before incremental vacuum was turned on.
+            self.store.vacuum()
+            return "full"
+        if not (free and self._needs_vacuum(pages, free, page_size)):
+            return "none"
+        while free > 0:
+            self.store.release_free_pages(RELEASE_PAGES_STEP)
+            await trio.sleep(0)
+            _pages, free, _size, _inc = self.store.page_stats()
+        return "incremental"
+
+    def _needs_vacuum(self, pages: int, free: int, page_size: int) -> bool:
+        return pages * page_size > self.max_db_bytes or free > FRAGMENTED_FREE_SHARE * pages
+
+
+async def backup(store: Store, dest: Path) -> BackupReport:
+    """A consistent online copy at `dest`, made in a worker thread."""
+    started = time.monotonic()
+    size = await trio.to_thread.run_sync(store.backup_to, dest)
+    report = BackupReport(
+        path=str(dest), bytes=size, duration_ms=int((time.monotonic() - started) * 1000)
+    )
+    log.event("backup_done", path=report.path, bytes=report.bytes, duration_ms=report.duration_ms)
+    return report

@@ -497,6 +497,8 @@ class Api:
             wal_fsyncs_total=self.wal_sync.fsyncs,
             wal_checkpoints_total=self.checkpointer.checkpoints,
             maintenance_runs_total=self.maintenance.runs,
+            scheduler_pop_latency_ms=self.dispatcher.claim_latency.snapshot(),
+            job_start_latency_ms=self.dispatcher.start_latency.snapshot(),
         )
 
     async def health(self, params: p.HealthParams) -> p.HealthResult:

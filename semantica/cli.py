@@ -535,6 +535,17 @@ def runners(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def metrics(as_json: JsonOpt = False) -> None:
+    """The daemon's metrics: Prometheus text (as GET /metrics serves it), or --json stats."""
+    with failures(as_json):
+        client = session().client
+        if as_json:
+            emit(client.stats(), True)
+        else:
+            sys.stdout.write(client.metrics_text())
+
+
+@app.command()
 def maintenance(
     force_vacuum: Annotated[
         bool, typer.Option(help="Rewrite the whole file (holds the daemon while it runs).")

@@ -275,6 +275,37 @@ class Client(_Methods):
                 self._sock = None
             self._buffer.clear()
 
+    def metrics_text(self) -> str:
+        """The daemon's Prometheus exposition (`GET /metrics`), as text."""
+        import http.client
+
+        t = self.target
+        if t.socket_path is not None:
+            conn = http.client.HTTPConnection("localhost", timeout=self.timeout)
+        else:
+            conn = http.client.HTTPConnection(t.host or "127.0.0.1", t.port, timeout=self.timeout)
+        headers = {"Authorization": f"Bearer {t.token}"} if t.token else {}
+        try:
+            if t.socket_path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                conn.sock = sock
+                sock.connect(t.socket_path)
+            conn.request("GET", "/metrics", headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _not_running(t, exc) from None
+        except OSError as exc:
+            raise ConnectionLost(
+                f"lost the connection to the daemon during GET /metrics ({exc})"
+            ) from None
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise SemanticaError(f"GET /metrics answered {response.status}: {body[:300]!r}")
+        return body.decode()
+
     def connect(self) -> Client:
         """Connect now (calls connect on first use anyway): DaemonNotRunning if nothing
         answers."""

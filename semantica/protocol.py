@@ -176,6 +176,16 @@ class Counters(msgspec.Struct, kw_only=True):
     enqueue_commits_total: int = 0  # commits carrying enqueues; group commit shares them
 
 
+class LatencyHistogram(msgspec.Struct, kw_only=True):
+    """Observations in milliseconds: `cumulative[i]` of them were ≤ `buckets_ms[i]`
+    (None: +Inf, so the last equals `count`)."""
+
+    count: int = 0
+    sum_ms: float = 0.0
+    buckets_ms: list[float | None] = msgspec.field(default_factory=list)
+    cumulative: list[int] = msgspec.field(default_factory=list)
+
+
 class StatsResult(msgspec.Struct, kw_only=True):
     jobs_by_state: dict[str, int]
     jobs_by_queue: dict[str, dict[str, int]]
@@ -186,6 +196,8 @@ class StatsResult(msgspec.Struct, kw_only=True):
     wal_fsyncs_total: int = 0  # group fsyncs that acknowledged writes (synchronous=FULL)
     wal_checkpoints_total: int = 0  # checkpoints run off the event loop
     maintenance_runs_total: int = 0
+    scheduler_pop_latency_ms: LatencyHistogram = msgspec.field(default_factory=LatencyHistogram)
+    job_start_latency_ms: LatencyHistogram = msgspec.field(default_factory=LatencyHistogram)
 
 
 class HealthResult(msgspec.Struct, kw_only=True):

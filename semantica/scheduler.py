@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -18,6 +19,7 @@ import trio
 from semantica import log
 from semantica.domain import Job, Outcome, State
 from semantica.launcher import Launcher, kill_orphaned_runner
+from semantica.metrics import Histogram
 from semantica.probe import SAMPLE_EVERY_S
 from semantica.store import Conditions, StorageUnavailable, Store
 
@@ -60,6 +62,8 @@ class Dispatcher:
         self._failures = 0
         self._idle_admitted_at = -SAMPLE_EVERY_MS
         self.wakeups = 0
+        self.claim_latency = Histogram()  # ms per claim transaction
+        self.start_latency = Histogram()  # ms from ready (enqueue, schedule, backoff) to start
 
     # ----------------------------------------------------------------- events
 
@@ -180,9 +184,12 @@ class Dispatcher:
         if offered.cpu_idle and now < self._idle_admitted_at + SAMPLE_EVERY_MS:
             offered = msgspec.structs.replace(offered, cpu_idle=False)
         while len(self._running) < self.workers:
+            began = time.perf_counter()
             job = self.store.claim_next_job(now=now, global_limit=self.workers, conditions=offered)
+            self.claim_latency.observe((time.perf_counter() - began) * 1000)
             if job is None:
                 break
+            self.start_latency.observe(max(0, now - max(job.created_at, job.run_after)))
             if job.wait_for_idle:
                 # This job's own load is not yet in the reading: admit one idle-gated
                 # job per sample, and let the next reading decide about the next one.

@@ -28,7 +28,7 @@ import h11
 import msgspec
 import trio
 
-from semantica import log
+from semantica import log, metrics
 from semantica import protocol as p
 from semantica.api import Api, rpc_error_for
 
@@ -437,13 +437,16 @@ class Server:
         self, conn: Conn, h: h11.Connection, request: h11.Request, started: float
     ) -> None:
         headers = {k.lower(): v for k, v in request.headers}
-        if request.target.split(b"?")[0] != b"/":
-            await self._send_http(conn, h, 404, p.RpcError(p.NOT_FOUND, "POST JSON-RPC to /"))
-            return
-        if request.method != b"POST":
+        path = request.target.split(b"?")[0]
+        if path not in (b"/", b"/metrics"):
             await self._send_http(
-                conn, h, 405, p.RpcError(p.INVALID_REQUEST, "use POST / with a JSON-RPC body")
+                conn, h, 404, p.RpcError(p.NOT_FOUND, "POST JSON-RPC to /, or GET /metrics")
             )
+            return
+        allowed = b"POST" if path == b"/" else b"GET"
+        if request.method != allowed:
+            message = "use POST / with a JSON-RPC body" if path == b"/" else "use GET /metrics"
+            await self._send_http(conn, h, 405, p.RpcError(p.INVALID_REQUEST, message))
             return
         if conn.needs_auth:  # every HTTP request carries the token
             conn.authenticated = self._bearer_ok(headers.get(b"authorization", b""))
@@ -451,6 +454,9 @@ class Server:
                 log.warning("unauthorized_request", transport=conn.transport)
                 await self._send_http(conn, h, 401, self._unauthorized())
                 return
+        if path == b"/metrics":
+            await self._answer_metrics(conn, h, started)
+            return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_message_bytes:
             await self._send_http(conn, h, 413, self._too_large(), close=True)
@@ -471,6 +477,19 @@ class Server:
                 raise ConnectionClosed("unexpected HTTP event")
         reply = await self.process(bytes(body), conn)
         await self._send_http_body(conn, h, 200 if reply is not None else 204, reply)
+
+    async def _answer_metrics(self, conn: Conn, h: h11.Connection, started: float) -> None:
+        """Prometheus text exposition of the daemon's stats."""
+        while not isinstance(
+            event := await self._next_http_event(conn, h, started), h11.EndOfMessage
+        ):
+            if not isinstance(event, h11.Data):
+                raise ConnectionClosed("unexpected HTTP event")
+        if not conn.bucket.take(1, time.monotonic()):
+            await self._send_http(conn, h, 429, self._rate_limited_error())
+            return
+        body = metrics.exposition(self.api.stats)
+        await self._send_http_body(conn, h, 200, body, content_type=metrics.CONTENT_TYPE)
 
     def _bearer_ok(self, header: bytes) -> bool:
         if self.token is None:
@@ -500,13 +519,19 @@ class Server:
         await self._send_http_body(conn, h, status, body, close=close)
 
     async def _send_http_body(
-        self, conn: Conn, h: h11.Connection, status: int, body: bytes | None, close=False
+        self,
+        conn: Conn,
+        h: h11.Connection,
+        status: int,
+        body: bytes | None,
+        close=False,
+        content_type: str = "application/json",
     ) -> None:
         if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers = [("server", "semantica")]
         if body is not None:
-            headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+            headers += [("content-type", content_type), ("content-length", str(len(body)))]
         elif status != 204:
             headers.append(("content-length", "0"))
         if close:
@@ -541,12 +566,15 @@ class Server:
         answered = [r for r in responses if r is not None]
         return p.encode(answered) if answered else None
 
-    def _rate_limited_reply(self, calls: list[p.Call], batch: bool = False) -> bytes | None:
-        err = p.RpcError(
+    def _rate_limited_error(self) -> p.RpcError:
+        return p.RpcError(
             p.RATE_LIMITED,
             f"rate limited: at most {self.limits.rate_per_s:g} calls a second per connection; "
             "slow down or batch jobs with dev.enqueue_batch.v1",
         )
+
+    def _rate_limited_reply(self, calls: list[p.Call], batch: bool = False) -> bytes | None:
+        err = self._rate_limited_error()
         replies = [p.error_response(c.id, err) for c in calls if not c.is_notification]
         if not replies:
             return None

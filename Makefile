@@ -11,7 +11,7 @@ install: $(STAMP)
 # Re-running is cheap: pip runs again only when a pyproject.toml changed.
 $(STAMP): pyproject.toml runners/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./runners
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,otel]' -e ./runners
 	@touch $(STAMP)
 
 run: install

@@ -42,6 +42,7 @@ from semantica.store import (
     Store,
     StoreError,
 )
+from semantica.tracing import JobTracing
 
 WRITING_METHODS = frozenset(
     {
@@ -195,6 +196,7 @@ class Api:
         request_shutdown: Callable[[], None] = lambda: None,
         retention_days: float = 7.0,
         max_db_size_mb: int = 1000,
+        tracing: JobTracing | None = None,
     ) -> None:
         self.store = store
         self.home = home
@@ -210,6 +212,7 @@ class Api:
             clock=clock,
             conditions=conditions,
             on_job_changed=self.job_changed,
+            tracing=tracing,
         )
         self.runners = installed_runners()
         self.committer = GroupCommitter(store, clock, self.metrics)
@@ -435,6 +438,9 @@ class Api:
             fields["error_kind"] = job.error_kind
         if job.finished_at is not None and job.started_at is not None:
             fields["duration_ms"] = job.finished_at - job.started_at
+        tracing = self.dispatcher.tracing
+        if tracing is not None and (trace_id := tracing.trace_id(job.id)):
+            fields["trace_id"] = trace_id
         log.event("job_state_changed", **fields)
 
     def with_waiting_reason(self, job: Job) -> Job:

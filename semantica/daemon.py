@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from semantica import __version__, log
+from semantica import __version__, log, tracing
 from semantica import config as config_mod
 from semantica.api import Api
 from semantica.config import Config, ConfigError
@@ -231,6 +231,7 @@ async def serve(cfg: Config) -> None:
             request_shutdown=shutdown.set,
             retention_days=cfg.retention_days,
             max_db_size_mb=cfg.max_db_size_mb,
+            tracing=tracing.from_environment(),
         )
         for job in api.dispatcher.recover():  # runners of a crashed daemon: before serving
             api.job_changed(job)

@@ -123,6 +123,7 @@ class Launcher:
         *,
         on_started: Callable[[int, float], None],
         on_progress: Callable[[float, str | None], None],
+        trace_id: str | None = None,
     ) -> Outcome:
         """Run the job's current attempt to its end and return how it ended.
 
@@ -141,6 +142,7 @@ class Launcher:
             attempt=job.attempt,
             artifacts_dir=str(self.artifacts_dir(job.id)),
             deadline_ms=job.deadline_ms,
+            trace_id=trace_id,
         )
         env = runner_environment(self.daemon_env, self.env_allowlist, job.env)
         env["SEMANTICA_RLIMITS"] = self._rlimits(job)

@@ -75,6 +75,7 @@ class RunSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     attempt: int
     artifacts_dir: str
     deadline_ms: int
+    trace_id: str | None = None  # with tracing on: the attempt's trace, for its log lines
 
 
 class Progress(msgspec.Struct, tag="progress", kw_only=True):

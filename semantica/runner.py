@@ -152,7 +152,7 @@ def run_job(spec: RunSpec, result_fd: int) -> None:
 
 
 def _run(spec: RunSpec, channel: ResultChannel, flag: _CancelFlag) -> Result:
-    logger = _job_logger()
+    logger = _job_logger(spec.trace_id)
     started = time.monotonic()
     logger.info("job %s attempt %d: %s", spec.job_id, spec.attempt, spec.job_type.lower())
     plugin, failure = _load_plugin(spec.job_type)
@@ -311,6 +311,9 @@ def _retry_after(value: Any) -> int | None:
     return round(value)
 
 
+_trace_suffix = ""
+
+
 def _at_line_start(fd: int) -> bool:
     """Whether the log file behind `fd` is empty or ends with a newline (True when it
     cannot be read back: a pipe or a terminal)."""
@@ -321,9 +324,13 @@ def _at_line_start(fd: int) -> bool:
         return True
 
 
-def _job_logger() -> logging.Logger:
-    """`semantica.job`, writing through a root handler on stderr (the job log)."""
+def _job_logger(trace_id: str | None = None) -> logging.Logger:
+    """`semantica.job`, writing through a root handler on stderr (the job log); with
+    tracing on, each line carries the attempt's `trace_id=`."""
     import logging
+
+    global _trace_suffix
+    _trace_suffix = f" trace_id={trace_id}" if trace_id else ""
 
     class LineStartHandler(logging.StreamHandler):
         """Starts each record on a line of its own, even after job output that did
@@ -333,13 +340,14 @@ def _job_logger() -> logging.Logger:
             _flush_std_streams()
             if not _at_line_start(2):
                 _write_stderr_raw(b"\n")
+            record.trace_suffix = _trace_suffix
             super().emit(record)
 
     root = logging.getLogger()
     if not any(getattr(h, "semantica_job_log", False) for h in root.handlers):
         handler = LineStartHandler(sys.stderr)
         formatter = logging.Formatter(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s%(trace_suffix)s: %(message)s",
             datefmt="%Y-%m-%dT%H:%M:%S",
         )
         formatter.converter = time.gmtime

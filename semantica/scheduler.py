@@ -22,6 +22,7 @@ from semantica.launcher import Launcher, kill_orphaned_runner
 from semantica.metrics import Histogram
 from semantica.probe import SAMPLE_EVERY_S
 from semantica.store import Conditions, StorageUnavailable, Store
+from semantica.tracing import JobTracing
 
 ALL_CONDITIONS = Conditions(cpu_idle=True, on_ac_power=True)
 SAMPLE_EVERY_MS = int(SAMPLE_EVERY_S * 1000)
@@ -44,6 +45,7 @@ class Dispatcher:
         conditions: Callable[[], Conditions],
         on_job_changed: Callable[[Job], None],
         rng: random.Random | None = None,
+        tracing: JobTracing | None = None,
     ) -> None:
         self.store = store
         self.launcher = launcher
@@ -52,6 +54,7 @@ class Dispatcher:
         self.conditions = conditions
         self.on_job_changed = on_job_changed
         self.rng = rng or random.Random()
+        self.tracing = tracing
         self._wake = trio.Event()
         self._due: list[int] = []  # heap: times at which a queued job becomes ready or expires
         self._running: dict[str, trio.CancelScope] = {}
@@ -196,8 +199,9 @@ class Dispatcher:
                 offered = msgspec.structs.replace(offered, cpu_idle=False)
                 self._idle_admitted_at = now
             self._running[job.id] = trio.CancelScope()
+            trace_id = self.tracing.begin(job, now) if self.tracing else None
             self.on_job_changed(job)
-            jobs.start_soon(self._run_job, job)
+            jobs.start_soon(self._run_job, job, trace_id)
         if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
             # A gated job may be waiting on a condition: read the sensors again soon.
             # Only while such a job is queued; an idle daemon does not wake for this.
@@ -218,13 +222,15 @@ class Dispatcher:
         if ended.state is State.QUEUED:
             self.due_at(ended.run_after)
         self.on_job_changed(ended)
+        if self.tracing:
+            self.tracing.end(ended, self.clock())
 
     def _seconds_to_next_due(self) -> float:
         if not self._due:
             return math.inf
         return max(0.0, (self._due[0] - self.clock()) / 1000)
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: Job, trace_id: str | None = None) -> None:
         scope = self._running[job.id]
         outcome: Outcome | None = None
         try:
@@ -235,6 +241,7 @@ class Dispatcher:
                     on_progress=lambda fraction, message: self.store.set_progress(
                         job.id, fraction, message
                     ),
+                    trace_id=trace_id,
                 )
             if scope.cancelled_caught:
                 if self._stopping:
@@ -285,6 +292,8 @@ class Dispatcher:
         if ended.state is State.QUEUED:
             log.event("job_requeued", job_id=job.id, reason="daemon stopping")
         self.on_job_changed(ended)
+        if self.tracing:
+            self.tracing.end(ended, self.clock())
 
     async def drain(self, grace_s: float) -> None:
         """Claim nothing more; give running jobs `grace_s` to end, then stop and requeue them."""

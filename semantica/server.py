@@ -418,6 +418,8 @@ class Server:
             if started is None and (h.their_state is not h11.IDLE or h.trailing_data[0]):
                 started = conn.request_started = trio.current_time()
             conn.mid_message = started is not None
+            if conn.mid_message:  # a request is arriving: not idle, not to be evicted
+                conn.idle_since = None
             deadline = (
                 trio.current_time() + self.limits.idle_timeout_s
                 if started is None
@@ -431,6 +433,7 @@ class Server:
                 raise
             if started is None:
                 started = conn.request_started = trio.current_time()
+            conn.idle_since = None
             h.receive_data(data)
 
     async def _answer_http(

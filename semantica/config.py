@@ -39,6 +39,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     rate_burst: float = 5_000.0
     cpu_idle_percent: float = 30.0
     maintenance_hours: float = 24.0
+    warm_max_jobs: int = 100
+    warm_max_rss_mb: int = 512
     conditions_file: Path | None = None
 
     @property
@@ -143,6 +145,12 @@ def load(
         request_timeout_s=number("SEMANTICA_REQUEST_TIMEOUT_S", "30", 0.01, 3600),
         rate_per_s=number("SEMANTICA_RATE_LIMIT", "20000", 0.001, 1e9),
         rate_burst=number("SEMANTICA_RATE_BURST", "5000", 1, 1e9),
+        warm_max_jobs=_int(
+            "SEMANTICA_WARM_MAX_JOBS", get("SEMANTICA_WARM_MAX_JOBS", "100"), 1, 10**9
+        ),
+        warm_max_rss_mb=_int(
+            "SEMANTICA_WARM_MAX_RSS_MB", get("SEMANTICA_WARM_MAX_RSS_MB", "512"), 1, 10**7
+        ),
         maintenance_hours=number("SEMANTICA_MAINTENANCE_HOURS", "24", 0.001, 8760),
         cpu_idle_percent=number("SEMANTICA_CPU_IDLE_PERCENT", "30", 0.1, 100),
         conditions_file=Path(raw).expanduser().absolute()

@@ -48,6 +48,8 @@ FLAGS = {
     "--rate-burst": "SEMANTICA_RATE_BURST",
     "--cpu-idle-percent": "SEMANTICA_CPU_IDLE_PERCENT",
     "--maintenance-hours": "SEMANTICA_MAINTENANCE_HOURS",
+    "--warm-max-jobs": "SEMANTICA_WARM_MAX_JOBS",
+    "--warm-max-rss-mb": "SEMANTICA_WARM_MAX_RSS_MB",
     "--conditions-file": "SEMANTICA_CONDITIONS_FILE",
 }
 
@@ -217,7 +219,12 @@ async def serve(cfg: Config) -> None:
         )
         token = ensure_token(cfg.token_path)
         shutdown = trio.Event()
-        launcher = Launcher(home=cfg.home, env_allowlist=cfg.env_allowlist)
+        launcher = Launcher(
+            home=cfg.home,
+            env_allowlist=cfg.env_allowlist,
+            warm_max_jobs=cfg.warm_max_jobs,
+            warm_max_rss_bytes=cfg.warm_max_rss_mb * 1024**2,
+        )
         api = Api(
             store,
             home=str(cfg.home),
@@ -283,6 +290,7 @@ async def serve(cfg: Config) -> None:
                     api.begin_drain()
                     server.drain()
                     await api.dispatcher.drain(JOB_DRAIN_GRACE_S)
+                    await launcher.warm.close()
                 daemon.cancel_scope.cancel()
     finally:
         if any(t == "unix" for _, t in listeners):

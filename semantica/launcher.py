@@ -17,6 +17,7 @@ import errno
 import math
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,8 @@ import psutil
 import trio
 
 from semantica import log
-from semantica.domain import Job, Outcome
-from semantica.plugins import Progress, Result, RunSpec
+from semantica.domain import ExecutionMode, Job, Outcome
+from semantica.plugins import Progress, Result, RunSpec, WarmJob
 
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
 CHANNEL_DRAIN_S = 0.5  # after the runner exits, for its last message to be read
@@ -90,6 +91,40 @@ def group_members(pgid: int, started_after: float | None = None) -> list[psutil.
     return members
 
 
+class MessageReader:
+    """NDJSON messages from a runner's result channel: progress is handed on as it
+    comes, each Result returned."""
+
+    def __init__(self, stream: trio.lowlevel.FdStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def next_result(self, on_progress: Callable[[float, str | None], None]) -> Result | None:
+        """The next Result; None at the end of the channel (or when it overflows)."""
+        while True:
+            while (newline := self.buffer.find(b"\n")) >= 0:
+                line = bytes(self.buffer[:newline])
+                del self.buffer[: newline + 1]
+                try:
+                    message = _decode_message(line)
+                except msgspec.DecodeError:
+                    log.warning("runner_message_unreadable", bytes=len(line))
+                    continue
+                if isinstance(message, Result):
+                    return message
+                try:  # progress is informative: failing to store it stops nothing
+                    on_progress(min(1.0, max(0.0, message.fraction)), message.message)
+                except Exception as exc:
+                    log.warning("progress_not_recorded", error=str(exc))
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.buffer += data
+            if len(self.buffer) > MAX_RESULT_BYTES:
+                log.warning("runner_channel_overflow")
+                return None
+
+
 class Launcher:
     """Runs one attempt of a job in a sandboxed runner process and reports its Outcome."""
 
@@ -101,6 +136,8 @@ class Launcher:
         limits: SandboxLimits | None = None,
         daemon_env: dict[str, str] | None = None,
         python: str = sys.executable,
+        warm_max_jobs: int = 100,
+        warm_max_rss_bytes: int = 512 * 1024**2,
     ) -> None:
         self.home = home
         self.logs_dir = home / "logs"
@@ -110,6 +147,7 @@ class Launcher:
         self.limits = limits or SandboxLimits()
         self.daemon_env = dict(os.environ if daemon_env is None else daemon_env)
         self.python = python
+        self.warm = WarmPool(self, max_jobs=warm_max_jobs, max_rss_bytes=warm_max_rss_bytes)
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -125,9 +163,10 @@ class Launcher:
         on_progress: Callable[[float, str | None], None],
         trace_id: str | None = None,
     ) -> Outcome:
-        """Run the job's current attempt to its end and return how it ended.
+        """Run the job's current attempt to its end and return how it ended: in a
+        fresh process (SUBPROCESS), or on a worker of the WARM pool.
 
-        `on_started(pid, start_time)` is called as soon as the process exists.
+        `on_started(pid, start_time)` is called as soon as the process is known.
         Cancelling the caller's scope stops the process group (TERM, then KILL)
         before this returns or raises.
         """
@@ -135,7 +174,13 @@ class Launcher:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         cwd = self.work_dir / job.id
         cwd.mkdir(mode=0o700, exist_ok=True)
-        spec = RunSpec(
+        spec = self._spec(job, trace_id)
+        if job.execution_mode is ExecutionMode.WARM:
+            return await self.warm.run(job, spec, cwd, on_started, on_progress)
+        return await self._run_fresh(job, spec, cwd, on_started, on_progress)
+
+    def _spec(self, job: Job, trace_id: str | None) -> RunSpec:
+        return RunSpec(
             job_id=job.id,
             job_type=job.job_type,
             payload=job.payload,
@@ -144,6 +189,15 @@ class Launcher:
             deadline_ms=job.deadline_ms,
             trace_id=trace_id,
         )
+
+    async def _run_fresh(
+        self,
+        job: Job,
+        spec: RunSpec,
+        cwd: Path,
+        on_started: Callable[[int, float], None],
+        on_progress: Callable[[float, str | None], None],
+    ) -> Outcome:
         env = runner_environment(self.daemon_env, self.env_allowlist, job.env)
         env["SEMANTICA_RLIMITS"] = self._rlimits(job)
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
@@ -214,16 +268,20 @@ class Launcher:
                     await proc.stdin.aclose()
         return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
 
-    def _rlimits(self, job: Job) -> str:
-        cpu = math.ceil(job.deadline_ms / 1000) + self.limits.cpu_slack_s
-        return _encode(
-            {
-                "cpu": cpu,
-                "as": self.limits.address_space_bytes,
-                "nofile": self.limits.open_files,
-                "nproc": self.limits.processes,
-            }
-        ).decode()
+    def _rlimits(self, job: Job | None) -> str:
+        """The sandbox's limits; CPU seconds follow the job's deadline (a WARM worker,
+        started without a job, sets its CPU limit per job)."""
+        limits = {
+            "as": self.limits.address_space_bytes,
+            "nofile": self.limits.open_files,
+            "nproc": self.limits.processes,
+        }
+        if job is not None:
+            limits["cpu"] = self.cpu_seconds(job)
+        return _encode(limits).decode()
+
+    def cpu_seconds(self, job: Job) -> int:
+        return math.ceil(job.deadline_ms / 1000) + self.limits.cpu_slack_s
 
     async def _feed_spec(self, proc: trio.Process, spec: RunSpec) -> None:
         assert proc.stdin is not None
@@ -252,27 +310,9 @@ class Launcher:
         on_progress: Callable[[float, str | None], None],
         result: list[Result],
     ) -> None:
-        buffer = bytearray()
-        while data := await stream.receive_some(65536):
-            buffer += data
-            if len(buffer) > MAX_RESULT_BYTES:
-                log.warning("runner_channel_overflow")
-                return
-            while (newline := buffer.find(b"\n")) >= 0:
-                line = bytes(buffer[:newline])
-                del buffer[: newline + 1]
-                try:
-                    message = _decode_message(line)
-                except msgspec.DecodeError:
-                    log.warning("runner_message_unreadable", bytes=len(line))
-                    continue
-                if isinstance(message, Progress):
-                    try:  # progress is informative: failing to store it stops nothing
-                        on_progress(min(1.0, max(0.0, message.fraction)), message.message)
-                    except Exception as exc:
-                        log.warning("progress_not_recorded", error=str(exc))
-                else:
-                    result.append(message)
+        reader = MessageReader(stream)
+        while (message := await reader.next_result(on_progress)) is not None:
+            result.append(message)
 
     async def _stop(self, proc: trio.Process) -> None:
         """TERM the runner's process group, then KILL whatever is left after the grace."""
@@ -348,3 +388,166 @@ def is_gone(pid: int) -> bool:
     except OSError as exc:
         return exc.errno == errno.ESRCH
     return False
+
+
+# --------------------------------------------------------------------------- WARM
+
+
+class WarmWorker:
+    """A long-lived runner (`python -m semantica.runner --warm`) and its channels."""
+
+    def __init__(self, proc: trio.Process, results: trio.lowlevel.FdStream) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.start_time = process_start_time(proc.pid) or 0.0
+        self.reader = MessageReader(results)
+        self.jobs_done = 0
+
+    def has_children(self) -> bool:
+        """Whether a job left a process behind (then the worker is not reused)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children", "rb") as f:
+                return bool(f.read().strip())
+        except OSError:
+            try:
+                return bool(psutil.Process(self.pid).children())
+            except psutil.Error:
+                return True
+
+    def rss_bytes(self) -> int:
+        try:
+            return psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
+    async def kill(self) -> None:
+        """Stop the worker and everything a job started in its group."""
+        with trio.CancelScope(shield=True):
+            if self.proc.returncode is None:
+                kill_process_group(self.pid, signal.SIGTERM)
+                with trio.move_on_after(KILL_GRACE_S):
+                    await self.proc.wait()
+            kill_process_group(self.pid, signal.SIGKILL)
+            await self.proc.wait()
+            await self.reader.stream.aclose()
+            if self.proc.stdin is not None:
+                await self.proc.stdin.aclose()
+
+    async def retire(self) -> None:
+        """End the worker between jobs: EOF on its control channel, then make sure."""
+        with trio.CancelScope(shield=True):
+            if self.proc.stdin is not None:
+                await self.proc.stdin.aclose()
+            with trio.move_on_after(KILL_GRACE_S):
+                await self.proc.wait()
+            await self.kill()
+
+
+class WarmPool:
+    """WARM mode: runner processes reused across jobs, one job at a time each.
+
+    A worker starts on first need and goes back to the pool after each job; it is
+    retired after `max_jobs` jobs, past `max_rss_bytes`, or when a job left a process
+    behind. One that dies, overruns a deadline or is cancelled is killed with its
+    process group and simply not reused: the next job gets a new one. Each worker has
+    the same sandbox as a fresh runner (own session, allowlisted environment, umask
+    077, resource limits); the job's `env`, working directory, log file and CPU
+    allowance are set in the worker for each job.
+    """
+
+    def __init__(self, launcher: Launcher, *, max_jobs: int, max_rss_bytes: int) -> None:
+        self.launcher = launcher
+        self.max_jobs = max_jobs
+        self.max_rss_bytes = max_rss_bytes
+        self.idle: list[WarmWorker] = []
+        self.started = 0
+
+    async def run(
+        self,
+        job: Job,
+        spec: RunSpec,
+        cwd: Path,
+        on_started: Callable[[int, float], None],
+        on_progress: Callable[[float, str | None], None],
+    ) -> Outcome:
+        worker = self.idle.pop() if self.idle else await self._spawn()
+        reusable = False
+        result: Result | None = None
+        deadline_hit = False
+        try:
+            on_started(worker.pid, worker.start_time)
+            line = _encode(
+                WarmJob(
+                    spec=spec,
+                    env=job.env,
+                    cwd=str(cwd),
+                    log_path=str(self.launcher.log_path(job.id)),
+                    cpu_seconds=self.launcher.cpu_seconds(job),
+                )
+            )
+            assert worker.proc.stdin is not None
+            # If it died meanwhile, the channel's EOF says so below.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await worker.proc.stdin.send_all(line + b"\n")
+            with trio.move_on_after(job.deadline_ms / 1000) as deadline:
+                result = await worker.reader.next_result(on_progress)
+            deadline_hit = deadline.cancelled_caught
+            if result is not None and not deadline_hit:
+                worker.jobs_done += 1
+                reusable = self._still_fit(worker)
+        finally:
+            if reusable:
+                self.idle.append(worker)
+            elif result is not None and not deadline_hit:
+                await worker.retire()
+            else:
+                await worker.kill()
+        if result is None and not deadline_hit:  # the worker died during the job
+            return self.launcher._outcome(worker.proc.returncode, None, False, job)
+        return self.launcher._outcome(0 if result else None, result, deadline_hit, job)
+
+    def _still_fit(self, worker: WarmWorker) -> bool:
+        if worker.jobs_done >= self.max_jobs:
+            log.debug("warm_worker_recycled", pid=worker.pid, reason="max_jobs")
+            return False
+        if worker.has_children():
+            log.event("warm_worker_recycled", pid=worker.pid, reason="a job left a process")
+            return False
+        if worker.rss_bytes() > self.max_rss_bytes:
+            log.event("warm_worker_recycled", pid=worker.pid, reason="memory ceiling")
+            return False
+        return True
+
+    async def _spawn(self) -> WarmWorker:
+        launcher = self.launcher
+        env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
+        env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
+        env["SEMANTICA_PARENT_PID"] = str(os.getpid())
+        read_fd, write_fd = os.pipe()
+        env["SEMANTICA_RESULT_FD"] = str(write_fd)
+        try:
+            proc = await trio.lowlevel.open_process(
+                [launcher.python, "-P", "-m", "semantica.runner", "--warm"],
+                stdin=-1,  # subprocess.PIPE: the control channel
+                stdout=subprocess.DEVNULL,  # each job points them at its own log
+                stderr=subprocess.DEVNULL,
+                cwd=launcher.work_dir,
+                env=env,
+                start_new_session=True,
+                pass_fds=(write_fd,),
+                umask=0o077,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.started += 1
+        log.debug("warm_worker_started", pid=proc.pid)
+        return WarmWorker(proc, trio.lowlevel.FdStream(read_fd))
+
+    async def close(self) -> None:
+        """Retire the idle workers (the daemon is stopping)."""
+        idle, self.idle = self.idle, []
+        for worker in idle:
+            await worker.retire()

@@ -78,6 +78,16 @@ class RunSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trace_id: str | None = None  # with tracing on: the attempt's trace, for its log lines
 
 
+class WarmJob(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One line on a WARM worker's control channel: a job and where it runs."""
+
+    spec: RunSpec
+    env: dict[str, str]  # the job's own `env`, over the worker's allowlisted environment
+    cwd: str
+    log_path: str
+    cpu_seconds: int  # CPU time this job may use, on top of what the worker has used
+
+
 class Progress(msgspec.Struct, tag="progress", kw_only=True):
     fraction: float
     message: str | None = None

@@ -64,6 +64,7 @@ from semantica.plugins import (
     Result,
     RetryableError,
     RunSpec,
+    WarmJob,
 )
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ MAX_ERROR_MESSAGE_CHARS = 4000
 
 _encode = msgspec.json.Encoder().encode
 _decode_spec = msgspec.json.Decoder(RunSpec).decode
+_decode_warm_job = msgspec.json.Decoder(WarmJob).decode
 
 
 # --------------------------------------------------------------------------- the channel
@@ -533,6 +535,97 @@ def main() -> int:
     return 0
 
 
+def main_warm() -> int:
+    """`python -m semantica.runner --warm`: a WARM worker, running job after job.
+
+    Each line on stdin is a `WarmJob`; for each, the worker resets its environment to
+    the one it started with plus the job's `env`, enters the job's directory, points
+    stdout and stderr at the job's log, sets its CPU limit to what it has used plus
+    the job's allowance, and calls `run_job`, whose Result line tells the daemon the
+    job is over. Stdin is moved off fd 0 first, so a plugin reading stdin reads
+    nothing instead of the next job. EOF on the control channel: exit.
+    """
+    result_fd = _result_fd_from_env()
+    if result_fd is None:
+        return 2
+    _drop_cwd_from_sys_path()
+    limits = os.environ.pop(RLIMITS_ENV, None)
+    if limits:
+        apply_rlimits(limits)
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent and not watch_parent(int(parent)):
+        sys.stderr.write("semantica runner: the daemon is already gone: not starting\n")
+        return 1
+    _become_subreaper()
+    control = os.fdopen(os.dup(0), "rb", buffering=0)
+    os.set_inheritable(control.fileno(), False)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    base_env = dict(os.environ)
+    for line in _lines(control):
+        try:
+            job = _decode_warm_job(line)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            message = f"the control line did not hold a WarmJob ({len(line)} bytes): {exc}"
+            ResultChannel(result_fd).send(
+                _report(Result(error_kind="bad_spec", permanent=True), message)
+            )
+            continue
+        _enter_job(job, base_env)
+        run_job(job.spec, result_fd)
+        _flush_std_streams()
+    return 0
+
+
+def _become_subreaper() -> None:
+    """Linux: processes a job leaves behind are re-parented to this worker (not to
+    init), so the daemon sees them and does not reuse the worker."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _lines(stream: Any) -> Any:
+    buffer = b""
+    while chunk := stream.read(65536):
+        buffer += chunk
+        while (newline := buffer.find(b"\n")) >= 0:
+            yield buffer[:newline]
+            buffer = buffer[newline + 1 :]
+
+
+def _enter_job(job: WarmJob, base_env: dict[str, str]) -> None:
+    import resource
+
+    os.environ.clear()
+    os.environ.update(base_env)
+    os.environ.update(job.env)
+    os.chdir(job.cwd)
+    _flush_std_streams()
+    log_fd = os.open(job.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    # A soft limit only: each job raises it again to what the worker has used plus the
+    # job's allowance (SIGXCPU past it ends the worker, and the daemon replaces it).
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    want = math.ceil(usage.ru_utime + usage.ru_stime) + job.cpu_seconds
+    _soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (want, hard))
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"semantica runner: cannot set the CPU limit to {want}s: {exc}\n")
+
+
 def _exit_despite_stray_threads() -> None:
     """Exit now if the plugin left non-daemon threads running: the Result is written."""
     stray = [
@@ -550,4 +643,4 @@ def _exit_despite_stray_threads() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_warm() if sys.argv[1:] == ["--warm"] else main())

@@ -1,0 +1,115 @@
+"""WARM mode: runner processes reused across jobs, each job still in its own
+environment, directory and log; recycled after N jobs, past a memory ceiling, or when
+a job leaves a process behind; replaced when one dies, overruns or is cancelled."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from harness import remove_home, start_daemon
+
+from semantica.domain import State
+
+MAX_JOBS = 3
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    d = start_daemon(SEMANTICA_WORKERS="1", SEMANTICA_WARM_MAX_JOBS=str(MAX_JOBS))
+    yield d
+    d.stop()
+    remove_home(d.home)
+
+
+@pytest.fixture
+def client(daemon):
+    with daemon.client() as c:
+        yield c
+
+
+def run(client, job_type="python", **fields):
+    job = client.enqueue(job_type=job_type, execution_mode="WARM", **fields)
+    return client.wait(job.id, timeout_ms=20_000)
+
+
+def pid_of_worker(client) -> int:
+    job = run(client, payload={"callable": "os:getpid"})
+    assert job.state is State.DONE, job
+    return job.result_summary
+
+
+def fresh_worker(client) -> int:
+    """Start the next test on a worker that has run no job yet."""
+    first = pid_of_worker(client)
+    while True:
+        pid = pid_of_worker(client)
+        if pid != first:
+            return pid
+        first = pid
+
+
+def test_a_worker_runs_max_jobs_then_is_replaced(client):
+    pid = fresh_worker(client)
+    assert [pid_of_worker(client) for _ in range(MAX_JOBS - 1)] == [pid] * (MAX_JOBS - 1)
+    assert pid_of_worker(client) != pid
+
+
+def test_each_job_gets_its_own_env_directory_and_log(client, daemon):
+    fresh_worker(client)
+    lang = run(client, payload={"callable": "os:getenv", "args": ["LANG"]}, env={"LANG": "xx_A"})
+    plain = run(client, payload={"callable": "os:getenv", "args": ["LANG"]})
+    assert lang.result_summary == "xx_A" and plain.result_summary != "xx_A"
+    cwd = run(client, payload={"callable": "os:getcwd"})
+    assert cwd.result_summary == str(daemon.home / "work" / cwd.id)
+    a = run(client, job_type="shell", payload={"argv": ["echo", "output of A"]})
+    b = run(client, job_type="shell", payload={"argv": ["echo", "output of B"]})
+    log_a = (daemon.home / "logs" / f"{a.id}.log").read_text()
+    log_b = (daemon.home / "logs" / f"{b.id}.log").read_text()
+    assert "output of A" in log_a and "output of B" not in log_a
+    assert "output of B" in log_b and "output of A" not in log_b
+
+
+def test_a_worker_that_dies_is_replaced(client):
+    pid = fresh_worker(client)
+    killed = run(client, job_type="fail", payload={"mode": "signal"}, max_attempts=1)
+    assert killed.state is State.FAILED and killed.error_kind == "signal"
+    assert pid_of_worker(client) != pid
+
+
+def test_a_deadline_overrun_kills_the_worker(client):
+    pid = fresh_worker(client)
+    slow = run(client, job_type="sleep", payload={"seconds": 10}, deadline_ms=300, max_attempts=1)
+    assert slow.error_kind == "deadline"
+    assert pid_of_worker(client) != pid
+
+
+def test_cancelling_a_running_warm_job_stops_it(client):
+    job = client.enqueue(job_type="sleep", execution_mode="WARM", payload={"seconds": 30})
+    deadline = time.monotonic() + 10
+    while client.get(job.id).state is not State.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout_ms=10_000).state is State.CANCELLED
+    assert time.monotonic() - started < 5
+    assert pid_of_worker(client) > 0  # the pool carries on
+
+
+def test_a_job_that_leaves_a_process_behind_retires_its_worker(client):
+    pid = fresh_worker(client)
+    left = run(client, job_type="shell", payload={"argv": ["sh", "-c", "sleep 30 &"]})
+    assert left.state is State.DONE
+    assert pid_of_worker(client) != pid
+
+
+def test_a_worker_past_its_memory_ceiling_is_not_reused():
+    d = start_daemon(SEMANTICA_WORKERS="1", SEMANTICA_WARM_MAX_RSS_MB="1")
+    try:
+        with d.client() as c:
+            pids = [pid_of_worker(c) for _ in range(3)]
+        assert len(set(pids)) == 3
+    finally:
+        d.stop()
+        remove_home(d.home)

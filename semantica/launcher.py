@@ -170,10 +170,15 @@ class Launcher:
         Cancelling the caller's scope stops the process group (TERM, then KILL)
         before this returns or raises.
         """
-        for d in (self.logs_dir, self.work_dir, self.artifacts_root):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         cwd = self.work_dir / job.id
-        cwd.mkdir(mode=0o700, exist_ok=True)
+        try:
+            cwd.mkdir(mode=0o700)
+        except FileNotFoundError:  # the first job (or someone removed them): make the tree
+            for d in (self.logs_dir, self.work_dir, self.artifacts_root):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cwd.mkdir(mode=0o700, exist_ok=True)
+        except FileExistsError:  # a retry: the attempt before made it
+            pass
         spec = self._spec(job, trace_id)
         if job.execution_mode is ExecutionMode.WARM:
             return await self.warm.run(job, spec, cwd, on_started, on_progress)
@@ -402,6 +407,10 @@ class WarmWorker:
         self.start_time = process_start_time(proc.pid) or 0.0
         self.reader = MessageReader(results)
         self.jobs_done = 0
+        try:
+            self._process: psutil.Process | None = psutil.Process(proc.pid)
+        except psutil.Error:
+            self._process = None
 
     def has_children(self) -> bool:
         """Whether a job left a process behind (then the worker is not reused)."""
@@ -416,7 +425,7 @@ class WarmWorker:
 
     def rss_bytes(self) -> int:
         try:
-            return psutil.Process(self.pid).memory_info().rss
+            return self._process.memory_info().rss if self._process else 0
         except psutil.Error:
             return 0
 

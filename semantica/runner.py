@@ -190,11 +190,16 @@ def _since(started: float) -> float:
     return time.monotonic() - started
 
 
+_loaded_plugins: dict[str, Any] = {}  # a WARM worker loads each plugin once
+
+
 def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
     """The plugin registered as `job_type` (any case), or a permanent failure saying why."""
     import importlib.metadata
 
     wanted = job_type.lower()
+    if (plugin := _loaded_plugins.get(wanted)) is not None:
+        return plugin, None
     entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     for ep in entry_points:  # the first one of a name wins, as in installed_runners()
         if ep.name.lower() == wanted:
@@ -215,6 +220,7 @@ def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
     if not callable(plugin):
         message = f"runner plugin {ep.name!r} ({ep.value}) is not callable: {plugin!r}"
         return None, _report(Result(error_kind="plugin_load", permanent=True), message)
+    _loaded_plugins[wanted] = plugin
     return plugin, None
 
 

@@ -41,6 +41,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     maintenance_hours: float = 24.0
     warm_max_jobs: int = 100
     warm_max_rss_mb: int = 512
+    zygote: bool = True
     conditions_file: Path | None = None
 
     @property
@@ -151,6 +152,7 @@ def load(
         warm_max_rss_mb=_int(
             "SEMANTICA_WARM_MAX_RSS_MB", get("SEMANTICA_WARM_MAX_RSS_MB", "512"), 1, 10**7
         ),
+        zygote=_choice("SEMANTICA_ZYGOTE", get("SEMANTICA_ZYGOTE", "on"), ("on", "off")) == "on",
         maintenance_hours=number("SEMANTICA_MAINTENANCE_HOURS", "24", 0.001, 8760),
         cpu_idle_percent=number("SEMANTICA_CPU_IDLE_PERCENT", "30", 0.1, 100),
         conditions_file=Path(raw).expanduser().absolute()

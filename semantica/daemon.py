@@ -49,6 +49,7 @@ FLAGS = {
     "--cpu-idle-percent": "SEMANTICA_CPU_IDLE_PERCENT",
     "--maintenance-hours": "SEMANTICA_MAINTENANCE_HOURS",
     "--warm-max-jobs": "SEMANTICA_WARM_MAX_JOBS",
+    "--zygote": "SEMANTICA_ZYGOTE",
     "--warm-max-rss-mb": "SEMANTICA_WARM_MAX_RSS_MB",
     "--conditions-file": "SEMANTICA_CONDITIONS_FILE",
 }
@@ -224,6 +225,7 @@ async def serve(cfg: Config) -> None:
             env_allowlist=cfg.env_allowlist,
             warm_max_jobs=cfg.warm_max_jobs,
             warm_max_rss_bytes=cfg.warm_max_rss_mb * 1024**2,
+            use_zygote=cfg.zygote,
         )
         api = Api(
             store,
@@ -291,6 +293,8 @@ async def serve(cfg: Config) -> None:
                     server.drain()
                     await api.dispatcher.drain(JOB_DRAIN_GRACE_S)
                     await launcher.warm.close()
+                    if launcher.zygote is not None:
+                        await launcher.zygote.close()
                 daemon.cancel_scope.cancel()
     finally:
         if any(t == "unix" for _, t in listeners):

@@ -12,11 +12,13 @@ PR_SET_PDEATHSIG would fire when the trio worker thread that spawned it exits.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,6 +32,11 @@ from semantica import log
 from semantica.domain import ExecutionMode, Job, Outcome
 from semantica.plugins import Progress, Result, RunSpec, WarmJob
 
+ZYGOTE_START_TIMEOUT_S = 30.0
+ZYGOTE_REPLY_TIMEOUT_S = 10.0
+# Set up by the launcher for `python -m semantica.runner`; a zygote's child gets these
+# through its request instead.
+RUNNER_SETUP_VARS = frozenset({"SEMANTICA_RLIMITS", "SEMANTICA_PARENT_PID", "SEMANTICA_RESULT_FD"})
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
 CHANNEL_DRAIN_S = 0.5  # after the runner exits, for its last message to be read
 MAX_RESULT_BYTES = 16 * 1024 * 1024
@@ -138,6 +145,7 @@ class Launcher:
         python: str = sys.executable,
         warm_max_jobs: int = 100,
         warm_max_rss_bytes: int = 512 * 1024**2,
+        use_zygote: bool = True,
     ) -> None:
         self.home = home
         self.logs_dir = home / "logs"
@@ -148,6 +156,7 @@ class Launcher:
         self.daemon_env = dict(os.environ if daemon_env is None else daemon_env)
         self.python = python
         self.warm = WarmPool(self, max_jobs=warm_max_jobs, max_rss_bytes=warm_max_rss_bytes)
+        self.zygote = Zygote(self) if use_zygote and sys.platform == "linux" else None
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -220,18 +229,7 @@ class Launcher:
             os.close(write_fd)
             raise
         try:
-            proc = await trio.lowlevel.open_process(
-                # -P: the job's working directory must not shadow our modules on sys.path.
-                [self.python, "-P", "-m", "semantica.runner"],
-                stdin=-1,  # subprocess.PIPE
-                stdout=log_fd,
-                stderr=log_fd,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                pass_fds=(write_fd,),
-                umask=0o077,
-            )
+            proc = await self._start_runner(env, cwd, log_fd, write_fd)
         except BaseException:
             os.close(read_fd)
             raise
@@ -272,6 +270,40 @@ class Launcher:
                 if proc.stdin is not None:
                     await proc.stdin.aclose()
         return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
+
+    async def _start_runner(
+        self, env: dict[str, str], cwd: Path, log_fd: int, result_fd: int
+    ) -> trio.Process | ZygoteChild:
+        """A fresh runner process: forked by the zygote, or a new interpreter when the
+        zygote is off or unavailable."""
+        if self.zygote is not None:
+            stdin_r, stdin_w = os.pipe()
+            child_env = {k: v for k, v in env.items() if k not in RUNNER_SETUP_VARS}
+            try:
+                pid = await self.zygote.spawn(
+                    child_env, cwd, env["SEMANTICA_RLIMITS"], (stdin_r, log_fd, result_fd)
+                )
+            except ZygoteGone:
+                os.close(stdin_w)
+            except BaseException:
+                os.close(stdin_w)
+                raise
+            else:
+                return self.zygote.child(pid, trio.lowlevel.FdStream(stdin_w))
+            finally:
+                os.close(stdin_r)
+        return await trio.lowlevel.open_process(
+            # -P: the job's working directory must not shadow our modules on sys.path.
+            [self.python, "-P", "-m", "semantica.runner"],
+            stdin=-1,  # subprocess.PIPE
+            stdout=log_fd,
+            stderr=log_fd,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            pass_fds=(result_fd,),
+            umask=0o077,
+        )
 
     def _rlimits(self, job: Job | None) -> str:
         """The sandbox's limits; CPU seconds follow the job's deadline (a WARM worker,
@@ -560,3 +592,184 @@ class WarmPool:
         idle, self.idle = self.idle, []
         for worker in idle:
             await worker.retire()
+
+
+# --------------------------------------------------------------------------- zygote
+
+
+class ZygoteChild:
+    """A runner forked by the zygote: what the launcher needs of a trio.Process."""
+
+    def __init__(self, pid: int, stdin: trio.lowlevel.FdStream, zygote: Zygote) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.returncode: int | None = None
+        self.exited = trio.Event()
+        self._zygote = zygote
+
+    async def wait(self) -> int | None:
+        while not self.exited.is_set():
+            with contextlib.suppress(ZygoteGone):  # then `exited` is set too
+                await self._zygote.pump(self.exited)
+        return self.returncode
+
+
+_NEVER = trio.Event()  # for waiters whose condition the loop around pump() checks
+
+
+class ZygoteGone(Exception):
+    """The zygote could not start or has died: spawn the runner directly instead."""
+
+
+class Zygote:
+    """The daemon's end of `python -m semantica.zygote` (see zygote.py).
+
+    Requests go one at a time (a lock). Whoever waits for a reply or an exit reads the
+    socket for everyone while no other task does, handing `spawned` replies and
+    `exited` reports on; the others wait for that, so no background task is needed.
+    """
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self.sock: trio.socket.SocketType | None = None
+        self.proc: trio.Process | None = None
+        self._request_lock = trio.Lock()
+        self._reading = False  # one task reads the socket for all; the others wait
+        self._changed = trio.Event()  # set (and replaced) after each message read
+        self._spawned: list[int] = []
+        self._children: dict[int, ZygoteChild] = {}
+        self._early_exits: dict[int, int] = {}
+
+    async def _start(self) -> None:
+        launcher = self.launcher
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
+        env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
+        env["SEMANTICA_PARENT_PID"] = str(os.getpid())
+        env["SEMANTICA_ZYGOTE_FD"] = str(theirs.fileno())
+        try:
+            self.proc = await trio.lowlevel.open_process(
+                [launcher.python, "-P", "-m", "semantica.zygote"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None,  # the zygote's own trouble goes to the daemon's stderr
+                cwd=launcher.work_dir,
+                env=env,
+                start_new_session=True,
+                pass_fds=(theirs.fileno(),),
+                umask=0o077,
+            )
+        except OSError as exc:
+            ours.close()
+            raise ZygoteGone(f"cannot start the zygote: {exc}") from None
+        finally:
+            theirs.close()
+        self.sock = trio.socket.from_stdlib_socket(ours)
+        with trio.move_on_after(ZYGOTE_START_TIMEOUT_S):
+            message = await self._receive()
+            if message is not None and "ready" in message:
+                log.event("zygote_started", pid=self.proc.pid)
+                return
+        await self.close()
+        raise ZygoteGone("the zygote did not say it was ready")
+
+    async def spawn(
+        self, env: dict[str, str], cwd: Path, rlimits: str, fds: tuple[int, int, int]
+    ) -> int:
+        """Fork a runner with these (stdin, log, result) fds; returns its pid."""
+        async with self._request_lock:
+            if self.sock is None:
+                await self._start()
+            assert self.sock is not None
+            request = _encode({"env": env, "cwd": str(cwd), "rlimits": rlimits})
+            # Not cancellable half-way: a reply left unread would be taken as the
+            # next request's, and a child forked for nobody would run.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(ZYGOTE_REPLY_TIMEOUT_S):
+                    try:
+                        await self.sock.sendmsg(
+                            [request],
+                            [
+                                (
+                                    socket.SOL_SOCKET,
+                                    socket.SCM_RIGHTS,
+                                    array.array("i", fds).tobytes(),
+                                )
+                            ],
+                        )
+                    except OSError as exc:
+                        await self._died(f"sending to the zygote failed: {exc}")
+                    while not self._spawned:
+                        await self.pump(_NEVER)
+                    return self._spawned.pop(0)
+                await self._died(f"no reply from the zygote in {ZYGOTE_REPLY_TIMEOUT_S:g} s")
+                raise AssertionError("unreachable: _died raises")
+
+    def child(self, pid: int, stdin: trio.lowlevel.FdStream) -> ZygoteChild:
+        proc = ZygoteChild(pid, stdin, self)
+        if pid in self._early_exits:
+            proc.returncode = self._early_exits.pop(pid)
+            proc.exited.set()
+        else:
+            self._children[pid] = proc
+        return proc
+
+    async def pump(self, until: trio.Event) -> None:
+        """Return once `until` may have been set: after the next message is read and
+        handed on, by this task if no other is reading, else by the one that is."""
+        if until.is_set():
+            return
+        if self._reading:
+            await self._changed.wait()
+            return
+        if self.sock is None:
+            raise ZygoteGone("the zygote is not running")
+        self._reading = True
+        try:
+            message = await self._receive()
+            if message is None:
+                await self._died("the zygote closed its socket")
+            elif "spawned" in message:
+                self._spawned.append(message["spawned"])
+            elif "exited" in message:
+                pid, status = message["exited"], message["status"]
+                proc = self._children.pop(pid, None)
+                if proc is None:
+                    self._early_exits[pid] = status  # before `child()` registered it
+                else:
+                    proc.returncode = status
+                    proc.exited.set()
+            elif "refused" in message:
+                await self._died(f"the zygote refused a request: {message['refused']}")
+        finally:
+            self._reading = False
+            changed, self._changed = self._changed, trio.Event()
+            changed.set()
+
+    async def _receive(self) -> dict | None:
+        assert self.sock is not None
+        data = await self.sock.recv(65536)
+        return msgspec.json.decode(data) if data else None
+
+    async def _died(self, why: str) -> None:
+        log.warning("zygote_gone", reason=why, advice="runners start without it until it is back")
+        orphans, self._children = self._children, {}
+        for proc in orphans.values():  # each watches the zygote and stops itself
+            kill_process_group(proc.pid, signal.SIGKILL)
+            proc.returncode = -signal.SIGKILL
+            proc.exited.set()
+        await self.close()
+        raise ZygoteGone(why)
+
+    async def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(KILL_GRACE_S):
+                    await self.proc.wait()
+                if self.proc.returncode is None:
+                    kill_process_group(self.proc.pid, signal.SIGKILL)
+                    await self.proc.wait()
+            self.proc = None

@@ -1,0 +1,202 @@
+"""The runner zygote: a pre-started, single-threaded* process that has imported the
+runner and every plugin, and forks one fresh process per SUBPROCESS job.
+
+A new interpreter costs ~100 ms of CPU before it runs a line of a job; a fork of this
+process costs about a millisecond, and the child starts with the plugins imported.
+Each child is still a fresh process for one job: its own session and process group,
+the job's environment, directory, log, resource limits and parent watch, set up
+exactly as `python -m semantica.runner` would.
+
+Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daemon:
+  -> {"env": {...}, "cwd": "...", "rlimits": "<json>"} with three fds (SCM_RIGHTS):
+     the job's stdin (the RunSpec), its log (stdout and stderr), its result channel
+  <- {"spawned": pid}          (in request order)
+  <- {"exited": pid, "status": code}   (negative: killed by that signal)
+  <- {"ready": pid}            (once, at start)
+EOF on the socket: the daemon is gone or done; the zygote exits.
+
+* Apart from the thread that watches the daemon's PID (runner.watch_parent); a
+  forked child has only the forking thread, as POSIX says.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+
+import msgspec
+
+from semantica import runner
+
+ZYGOTE_FD_ENV = "SEMANTICA_ZYGOTE_FD"
+FDS_PER_JOB = 3
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+class SpawnRequest(msgspec.Struct, forbid_unknown_fields=True):
+    env: dict[str, str]
+    cwd: str
+    rlimits: str
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_request = msgspec.json.Decoder(SpawnRequest).decode
+
+
+def _preload_plugins() -> None:
+    """Import every installed plugin now, so each child starts with them loaded."""
+    import importlib.metadata
+
+    for ep in importlib.metadata.entry_points(group=runner.ENTRY_POINT_GROUP):
+        name = ep.name.lower()
+        if name in runner._loaded_plugins:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception:  # the child that needs it reports why, in its job's log
+            continue
+        if callable(plugin):
+            runner._loaded_plugins[name] = plugin
+
+
+def _recv_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        MAX_REQUEST_BYTES, socket.CMSG_SPACE(FDS_PER_JOB * fds.itemsize)
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return data, list(fds)
+
+
+def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
+    """In the forked child: become the job's runner process. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        stdin_fd, log_fd, result_fd = fds
+        os.dup2(stdin_fd, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        for fd in (stdin_fd, log_fd):
+            if fd > 2:
+                os.close(fd)
+        os.set_inheritable(result_fd, False)
+        os.chdir(request.cwd)
+        os.environ.clear()
+        os.environ.update(request.env)
+        runner.apply_rlimits(request.rlimits)
+        if not runner.watch_parent(zygote_pid):
+            sys.stderr.write("semantica runner: the zygote is already gone: not starting\n")
+            os._exit(1)
+        raw = runner._read_spec()
+        try:
+            spec = runner._decode_spec(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            message = f"stdin did not hold a RunSpec ({len(raw)} bytes): {exc}"
+            runner.ResultChannel(result_fd).send(
+                runner._report(runner.Result(error_kind="bad_spec", permanent=True), message)
+            )
+            os._exit(0)
+        runner.run_job(spec, result_fd)
+        os.close(result_fd)
+        runner._exit_despite_stray_threads()
+        code = 0
+    except SystemExit as exc:  # a plugin's sys.exit(): its status, as a fresh runner's
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        runner._flush_std_streams()
+        os._exit(code)
+
+
+def serve(sock: socket.socket) -> int:
+    """The zygote's loop: fork on request, report exits, until the socket closes."""
+    zygote_pid = os.getpid()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd fires
+    sock.sendall(_encode({"ready": zygote_pid}))
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        for fd, _event in poller.poll():
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+                _report_exits(sock)
+                continue
+            received = _recv_request(sock)
+            if received is None:
+                return 0
+            data, fds = received
+            try:
+                request = _decode_request(data)
+                if len(fds) != FDS_PER_JOB:
+                    raise ValueError(f"{len(fds)} fds instead of {FDS_PER_JOB}")
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                for fd in fds:
+                    os.close(fd)
+                sock.sendall(_encode({"refused": str(exc)}))
+                continue
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                os.close(wake_r)
+                os.close(wake_w)
+                _child(request, fds, zygote_pid)
+            for fd in fds:
+                os.close(fd)
+            sock.sendall(_encode({"spawned": pid}))
+        _report_exits(sock)
+
+
+def _report_exits(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        sock.sendall(_encode({"exited": pid, "status": os.waitstatus_to_exitcode(status)}))
+
+
+def main() -> int:
+    try:
+        fd = int(os.environ.pop(ZYGOTE_FD_ENV))
+        sock = socket.socket(fileno=fd)
+    except (KeyError, ValueError, OSError) as exc:
+        sys.stderr.write(f"semantica zygote: no control socket ({exc}); the daemon starts it\n")
+        return 2
+    runner._drop_cwd_from_sys_path()
+    limits = os.environ.pop(runner.RLIMITS_ENV, None)
+    if limits:
+        runner.apply_rlimits(limits)
+    parent = os.environ.pop(runner.PARENT_PID_ENV, None)
+    if parent and not runner.watch_parent(int(parent)):
+        return 1
+    _preload_plugins()
+    runner._job_logger()  # the logging machinery, imported once here
+    return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

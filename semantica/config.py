@@ -42,6 +42,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     warm_max_jobs: int = 100
     warm_max_rss_mb: int = 512
     zygote: bool = True
+    runner_memory_mb: int = 8192
+    runner_max_files: int = 1024
+    runner_max_processes: int = 4096
     conditions_file: Path | None = None
 
     @property
@@ -151,6 +154,18 @@ def load(
         ),
         warm_max_rss_mb=_int(
             "SEMANTICA_WARM_MAX_RSS_MB", get("SEMANTICA_WARM_MAX_RSS_MB", "512"), 1, 10**7
+        ),
+        runner_memory_mb=_int(
+            "SEMANTICA_RUNNER_MEMORY_MB", get("SEMANTICA_RUNNER_MEMORY_MB", "8192"), 64, 10**8
+        ),
+        runner_max_files=_int(
+            "SEMANTICA_RUNNER_MAX_FILES", get("SEMANTICA_RUNNER_MAX_FILES", "1024"), 16, 10**7
+        ),
+        runner_max_processes=_int(
+            "SEMANTICA_RUNNER_MAX_PROCESSES",
+            get("SEMANTICA_RUNNER_MAX_PROCESSES", "4096"),
+            1,
+            10**7,
         ),
         zygote=_choice("SEMANTICA_ZYGOTE", get("SEMANTICA_ZYGOTE", "on"), ("on", "off")) == "on",
         maintenance_hours=number("SEMANTICA_MAINTENANCE_HOURS", "24", 0.001, 8760),

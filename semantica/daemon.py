@@ -22,7 +22,7 @@ from semantica import __version__, log, tracing
 from semantica import config as config_mod
 from semantica.api import Api
 from semantica.config import Config, ConfigError
-from semantica.launcher import Launcher
+from semantica.launcher import Launcher, SandboxLimits
 from semantica.probe import FileProbe, SystemProbe
 from semantica.server import Limits, Server, SocketInUse, open_unix_listener, raise_fd_limit
 from semantica.store import SchemaTooNew, StorageUnavailable, Store
@@ -50,6 +50,9 @@ FLAGS = {
     "--maintenance-hours": "SEMANTICA_MAINTENANCE_HOURS",
     "--warm-max-jobs": "SEMANTICA_WARM_MAX_JOBS",
     "--zygote": "SEMANTICA_ZYGOTE",
+    "--runner-memory-mb": "SEMANTICA_RUNNER_MEMORY_MB",
+    "--runner-max-files": "SEMANTICA_RUNNER_MAX_FILES",
+    "--runner-max-processes": "SEMANTICA_RUNNER_MAX_PROCESSES",
     "--warm-max-rss-mb": "SEMANTICA_WARM_MAX_RSS_MB",
     "--conditions-file": "SEMANTICA_CONDITIONS_FILE",
 }
@@ -226,6 +229,11 @@ async def serve(cfg: Config) -> None:
             warm_max_jobs=cfg.warm_max_jobs,
             warm_max_rss_bytes=cfg.warm_max_rss_mb * 1024**2,
             use_zygote=cfg.zygote,
+            limits=SandboxLimits(
+                address_space_bytes=cfg.runner_memory_mb * 1024**2,
+                open_files=cfg.runner_max_files,
+                processes=cfg.runner_max_processes,
+            ),
         )
         api = Api(
             store,

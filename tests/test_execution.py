@@ -244,3 +244,37 @@ def test_cancel_racing_the_start_never_hurts_the_daemon(client, daemon):
     assert daemon.proc.poll() is None
     assert client.health().ok
     assert run_to_end(client, job_type="noop").state is State.DONE
+
+
+def test_a_memory_hog_is_stopped_by_the_address_space_limit():
+    d = start_daemon(SEMANTICA_RUNNER_MEMORY_MB="512")
+    try:
+        with d.client() as c:
+            for mode in ("SUBPROCESS", "WARM"):
+                job = run_to_end(
+                    c,
+                    job_type="fail",
+                    payload={"mode": "memory"},
+                    max_attempts=1,
+                    execution_mode=mode,
+                )
+                assert job.state is State.FAILED and job.error_kind == "exception", job
+                assert "MemoryError" in job.error_message
+            # The runner's limit, not the daemon's: the daemon and the next job are fine.
+            assert run_to_end(c, job_type="noop").state is State.DONE
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_the_open_files_limit_applies_to_jobs():
+    d = start_daemon(SEMANTICA_RUNNER_MAX_FILES="64")
+    try:
+        with d.client() as c:
+            job = run_to_end(
+                c, job_type="python", payload={"callable": "resource:getrlimit", "args": [7]}
+            )
+            assert job.result_summary == [64, 64]  # RLIMIT_NOFILE
+    finally:
+        d.stop()
+        remove_home(d.home)

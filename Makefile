@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean system-deps
+.PHONY: install run test lint format bench clean system-deps service-files
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; \
 	  else echo "make: the tests need curl; install it (e.g. sudo apt-get install curl)"; exit 1; fi; }
+	@command -v systemd-analyze >/dev/null 2>&1 || [ "$$(uname)" != Linux ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
+	  else echo "make: the tests check the unit files with systemd-analyze; install systemd"; exit 1; fi; }
 
 lint: install
 	$(BIN)/ruff check .
@@ -39,6 +43,10 @@ format: install
 bench: install
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/rpc_bench.py
+
+# systemd/ and launchd/ hold what semantica/service.py renders for the default paths.
+service-files: install
+	$(BIN)/python -m semantica.service .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -585,6 +585,11 @@ def shutdown(as_json: JsonOpt = False) -> None:
         emit(result, as_json, "the daemon is stopping (running jobs get a grace period)")
 
 
+from semantica.cli_service import service_app  # noqa: E402 - it imports this module
+
+app.add_typer(service_app, name="service")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,176 @@
+"""The service files and `semantica-cli service`: systemd units checked by
+systemd-analyze (verify, and the system unit's security exposure), the LaunchAgent
+parsed with plistlib, and install/uninstall with the commands they would run."""
+
+from __future__ import annotations
+
+import json
+import os
+import plistlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from semantica import service
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).with_name("semantica-cli"))
+EXPOSURE_LIMIT = 2.0
+
+
+def analyzer() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.fail("systemd-analyze is missing: `make test` installs it (Debian: systemd)")
+    return found
+
+
+def rendered(tmp_path: Path) -> tuple[Path, Path]:
+    system = tmp_path / "semantica.service"
+    user = tmp_path / "semantica-user.service"
+    system.write_text(service.render_system_unit("/bin/true", {"SEMANTICA_WORKERS": "4"}))
+    user.write_text(service.render_user_unit("/bin/true", {}))
+    return system, user
+
+
+def test_the_repositorys_files_are_what_the_installer_writes():
+    for name, render in service.REPO_FILES.items():
+        assert (REPO / name).read_text() == render(), f"{name}: run `make service-files`"
+
+
+def test_both_units_pass_systemd_analyze_verify(tmp_path):
+    system, user = rendered(tmp_path)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    for unit, extra in ((system, []), (user, ["--user"])):
+        done = subprocess.run(
+            [analyzer(), "verify", *extra, unit.name],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and done.stderr == "", (unit.name, done.stderr)
+
+
+def test_the_system_unit_is_rated_ok_by_systemd_analyze_security(tmp_path):
+    system, _user = rendered(tmp_path)
+    done = subprocess.run(
+        [analyzer(), "security", "--offline=yes", system.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    found = re.search(r"Overall exposure level for semantica\.service: ([\d.]+)", done.stdout)
+    assert found, done.stdout[-2000:] + done.stderr
+    assert float(found.group(1)) <= EXPOSURE_LIMIT
+
+
+def test_the_system_unit_keeps_what_jobs_need(tmp_path):
+    unit = service.render_system_unit("/bin/true", {})
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "UMask=0077" in unit
+    assert "SystemCallFilter=@system-service" in unit  # keeps setrlimit, fork, execve
+    assert "@resources" not in unit  # runners set their own resource limits
+    assert "MemoryDenyWriteExecute" not in unit  # JIT compilers in jobs (node, java)
+    assert "ProcSubset=pid" not in unit  # /proc/stat feeds the CPU-idle probe
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6" in unit
+
+
+def test_the_launch_agent_parses_and_has_its_keys():
+    plist = plistlib.loads((REPO / "launchd/com.semantica.daemon.plist").read_bytes())
+    assert plist["Label"] == "com.semantica.daemon"
+    assert plist["ProgramArguments"] == [service.DEFAULT_EXECUTABLE]
+    assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True
+    assert plist["StandardOutPath"].endswith("/.semantica/daemon.log")
+    assert plist["StandardErrorPath"] == plist["StandardOutPath"]
+    assert plist["EnvironmentVariables"]["SEMANTICA_HOME"].endswith("/.semantica")
+
+
+def test_plans_for_each_platform(tmp_path):
+    env = {"SEMANTICA_WORKERS": "3", "HOME": "/x", "SECRET": "no"}
+    user = service.plan_install(
+        system=False, platform="linux", executable="/opt/s/bin/semantica", env=env, home=tmp_path
+    )
+    assert user.path == tmp_path / ".config/systemd/user/semantica.service"
+    assert "ExecStart=/opt/s/bin/semantica" in user.content
+    assert 'Environment="SEMANTICA_WORKERS=3"' in user.content and "SECRET" not in user.content
+    assert ["systemctl", "--user", "enable", "--now", "semantica.service"] in user.commands
+
+    system = service.plan_install(
+        system=True,
+        platform="linux",
+        executable="/bin/true",
+        env=env,
+        user_exists=lambda name: False,
+    )
+    assert system.path == Path("/etc/systemd/system/semantica.service")
+    assert system.commands[0][:2] == ["useradd", "--system"]
+    assert 'Environment="SEMANTICA_HOME=/var/lib/semantica"' in system.content
+
+    mac = service.plan_install(
+        system=False, platform="darwin", executable="/bin/true", env={}, home=tmp_path
+    )
+    assert mac.path == tmp_path / "Library/LaunchAgents/com.semantica.daemon.plist"
+    assert plistlib.loads(mac.content.encode())["ProgramArguments"] == ["/bin/true"]
+    assert mac.commands[0][:2] == ["launchctl", "bootstrap"]
+
+    with pytest.raises(service.ServiceError, match=r"Linux \(systemd\) and macOS"):
+        service.plan_install(system=False, platform="win32", executable="/bin/true")
+
+
+def test_a_system_unit_refuses_an_executable_the_unit_would_hide(tmp_path):
+    script = tmp_path / "semantica"
+    script.write_text("#!/root/venv/bin/python\n")
+    with pytest.raises(service.ServiceError, match=r"ProtectHome=yes.*/usr/bin/python3 -m venv"):
+        service.plan_install(system=True, platform="linux", executable=str(script), env={})
+
+
+def test_install_writes_the_file_and_runs_the_commands(tmp_path):
+    plan = service.plan_install(
+        system=False, platform="linux", executable="/bin/true", env={}, home=tmp_path
+    )
+    ran = []
+
+    def run(command, **kw):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    service.install(plan, dry_run=True, run=run)
+    assert not plan.path.exists() and ran == []
+    service.install(plan, dry_run=False, run=run)
+    assert plan.path.read_text() == plan.content and ran == plan.commands
+    assert oct(plan.path.stat().st_mode & 0o777) == "0o644"
+
+    def failing(command, **kw):
+        return subprocess.CompletedProcess(command, 1, "", "Failed to connect to bus")
+
+    gone = service.plan_uninstall(system=False, platform="linux", home=tmp_path)
+    with pytest.raises(service.ServiceError, match=r"failed \(1\): Failed to connect to bus"):
+        service.uninstall(gone, dry_run=False, run=failing)
+    ran.clear()
+    service.uninstall(gone, dry_run=False, run=run)
+    assert not plan.path.exists() and ran == gone.commands
+
+
+def test_cli_service_install_dry_run_prints_the_plan_and_changes_nothing(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [CLI, "service", "install", "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["dry_run"] and plan["kind"] == "systemd-user"
+    assert plan["path"] == str(tmp_path / ".config/systemd/user/semantica.service")
+    assert f"ExecStart={Path(sys.executable).with_name('semantica')}" in plan["content"]
+    assert "systemctl --user enable --now semantica.service" in plan["commands"]
+    assert not (tmp_path / ".config").exists()
+    human = subprocess.run(
+        [CLI, "service", "install", "--dry-run"], capture_output=True, text=True, env=env
+    )
+    assert "would write" in human.stdout and "commands to run:" in human.stdout

@@ -43,6 +43,7 @@ format: install
 bench: install
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/rpc_bench.py
+	$(BIN)/python bench/sched_bench.py
 
 # systemd/ and launchd/ hold what semantica/service.py renders for the default paths.
 service-files: install

@@ -503,6 +503,7 @@ class Api:
             wal_fsyncs_total=self.wal_sync.fsyncs,
             wal_checkpoints_total=self.checkpointer.checkpoints,
             maintenance_runs_total=self.maintenance.runs,
+            dispatcher_wakeups_total=self.dispatcher.wakeups,
             scheduler_pop_latency_ms=self.dispatcher.claim_latency.snapshot(),
             job_start_latency_ms=self.dispatcher.start_latency.snapshot(),
         )

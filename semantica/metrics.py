@@ -92,6 +92,7 @@ class StatsCollector(Collector):
             ("semantica_wal_fsyncs", s.wal_fsyncs_total, "Group fsyncs of the WAL."),
             ("semantica_wal_checkpoints", s.wal_checkpoints_total, "WAL checkpoints."),
             ("semantica_maintenance_runs", s.maintenance_runs_total, "Maintenance runs."),
+            ("semantica_dispatcher_wakeups", s.dispatcher_wakeups_total, "Dispatcher wake-ups."),
         ):
             yield CounterMetricFamily(name, doc + " Since the daemon started.", value=value)
         yield _histogram(

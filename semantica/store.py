@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import re
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -546,6 +547,7 @@ class Store:
         self.needs_sync = False  # group_sync: sync_wal() before acknowledging writes
         self._synchronous = "FULL"
         self.read_only = False
+        self._checkpoint_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -658,15 +660,19 @@ class Store:
             "FULL": apsw.SQLITE_CHECKPOINT_FULL,
             "TRUNCATE": apsw.SQLITE_CHECKPOINT_TRUNCATE,
         }
-        if self._checkpointer is None:
-            self._checkpointer = apsw.Connection(self.path)
-            self._checkpointer.set_busy_timeout(BUSY_TIMEOUT_MS)
-            # Reading once makes the connection see WAL mode; until then it cannot checkpoint.
-            self._checkpointer.execute("SELECT count(*) FROM sqlite_schema").fetchall()
-        try:
-            return self._checkpointer.wal_checkpoint(mode=modes[mode])
-        except (apsw.FullError, apsw.IOError, apsw.ReadOnlyError) as exc:
-            raise StorageUnavailable(_storage_advice(exc)) from exc
+        # One checkpoint at a time: the WAL-growth checkpointer and maintenance both
+        # call this from worker threads, on the one checkpoint connection.
+        with self._checkpoint_lock:
+            if self._checkpointer is None:
+                self._checkpointer = apsw.Connection(self.path)
+                self._checkpointer.set_busy_timeout(BUSY_TIMEOUT_MS)
+                # Reading once makes the connection see WAL mode; until then it
+                # cannot checkpoint.
+                self._checkpointer.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+            try:
+                return self._checkpointer.wal_checkpoint(mode=modes[mode])
+            except (apsw.FullError, apsw.IOError, apsw.ReadOnlyError) as exc:
+                raise StorageUnavailable(_storage_advice(exc)) from exc
 
     @property
     def commits(self) -> int:

@@ -214,3 +214,24 @@ def test_maintenance_over_the_api_reports_and_counts(tmp_path):
     finally:
         daemon.stop()
         remove_home(daemon.home)
+
+
+def test_checkpoints_from_two_threads_take_turns(store, home):
+    # The WAL-growth checkpointer and maintenance both checkpoint from worker threads.
+    for i in range(200):
+        finished_job(store, home, at=T0 + i, payload_bytes=4000)
+    errors = []
+
+    def checkpoint(mode: str) -> None:
+        try:
+            for _ in range(20):
+                store.checkpoint(mode)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=checkpoint, args=(m,)) for m in ("PASSIVE", "TRUNCATE")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean system-deps service-files
+.PHONY: install run test lint format bench bench-deps clean system-deps service-files
 
 install: $(STAMP)
 
@@ -40,10 +40,20 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: install
+bench: install bench-deps
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/rpc_bench.py
 	$(BIN)/python bench/sched_bench.py
+	$(BIN)/python bench/exec_bench.py
+	$(BIN)/python bench/maintenance_bench.py
+
+# The peers exec_bench compares against: huey (PyPI) and task-spooler (Debian).
+bench-deps: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check huey
+	@command -v tsp >/dev/null 2>&1 || command -v ts >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq task-spooler >/dev/null; \
+	  else echo "make: exec_bench compares with task-spooler; install it to see that figure"; fi; }
 
 # systemd/ and launchd/ hold what semantica/service.py renders for the default paths.
 service-files: install

@@ -84,8 +84,9 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--jobs", type=int, help="finished jobs to build (default 1,000,000)")
     args = parser.parse_args()
-    jobs = 100_000 if args.quick else 1_000_000
+    jobs = args.jobs or (100_000 if args.quick else 1_000_000)
     print(
         f"maintenance_bench: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
         f"{jobs:,} finished jobs"
@@ -136,7 +137,8 @@ def main() -> int:
             f"maintenance: {r.duration_ms / 1000:.1f} s; deleted {r.jobs_deleted:,} jobs and "
             f"{r.files_deleted:,} files, {r.orphans_deleted:,} orphans; vacuum {r.vacuum}; "
             f"database {r.db_bytes_before / 1048576:.0f} -> {r.db_bytes_after / 1048576:.0f} MiB "
-            f"({'PASS' if r.db_bytes_after < r.db_bytes_before else 'FAIL'}: it shrinks)"
+            f"({'PASS' if r.db_bytes_after < r.db_bytes_before else 'FAIL'}: it shrinks); "
+            f"phases {r.phases_ms} ms; longest step on the event loop {r.longest_hold_ms} ms"
         )
         print(
             f"API during it: {len(latencies):,} calls, p50 {percentile(latencies, 50):.2f} ms, "

@@ -1,7 +1,7 @@
 """Maintenance: retention, orphaned files, WAL checkpoint, vacuum; and online backup.
 
 Runs every `SEMANTICA_MAINTENANCE_HOURS` (24 by default) and on `admin.maintenance.v1`.
-Nothing here holds the database for long: finished jobs are deleted a few hundred at
+Nothing here holds the database for long: finished jobs are deleted a couple of hundred at
 a time on the daemon's own connection (each batch a short transaction, the event
 loop serving between batches); file system work and the checkpoint run in worker
 threads; free pages go back to the file system in small incremental-vacuum steps.
@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
@@ -25,7 +26,7 @@ from semantica import log
 from semantica.protocol import BackupReport, MaintenanceReport
 from semantica.store import StorageUnavailable, Store
 
-DELETE_BATCH = 500  # jobs per transaction: a few milliseconds each
+DELETE_BATCH = 200  # jobs per transaction: a few milliseconds each
 SWEEP_BATCH = 1000  # file names checked against the jobs table per query
 RELEASE_PAGES_STEP = 1024  # free pages handed back per incremental-vacuum step (4 MiB)
 FRAGMENTED_FREE_SHARE = 0.10  # vacuum when more than this share of pages is free
@@ -62,6 +63,7 @@ class Maintenance:
         self.max_db_bytes = max_db_size_mb * 1024 * 1024
         self.clock = clock
         self.runs = 0
+        self._longest = 0.0
         self._lock = trio.Lock()
 
     def db_bytes(self) -> int:
@@ -76,13 +78,27 @@ class Maintenance:
     ) -> MaintenanceReport:
         async with self._lock:  # one run at a time; a second request waits for its turn
             started = time.monotonic()
+            self._longest = 0.0
+            phases: dict[str, int] = {}
             before = self.db_bytes()
+            mark = time.monotonic()
+
+            def phase(name: str) -> None:
+                nonlocal mark
+                now = time.monotonic()
+                phases[name] = int((now - mark) * 1000)
+                mark = now
+
             deleted, files = await self._delete_expired()
+            phase("delete")
             orphans = await self._sweep_orphans()
-            await trio.to_thread.run_sync(self.store.checkpoint, "TRUNCATE")
+            phase("sweep")
+            await self._checkpoint()
+            phase("checkpoint")
             vacuum = await self._vacuum(force_vacuum)
             if vacuum != "none":
-                await trio.to_thread.run_sync(self.store.checkpoint, "TRUNCATE")
+                await self._checkpoint()
+            phase("vacuum")
             report = MaintenanceReport(
                 jobs_deleted=deleted,
                 files_deleted=files,
@@ -91,10 +107,26 @@ class Maintenance:
                 db_bytes_before=before,
                 db_bytes_after=self.db_bytes(),
                 duration_ms=int((time.monotonic() - started) * 1000),
+                longest_hold_ms=round(self._longest, 1),
+                phases_ms=phases,
             )
             self.runs += 1
             log.event("maintenance_done", reason=reason, **msgspec.structs.asdict(report))
             return report
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a short store step on the event loop, keeping the longest one's time."""
+        began = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._longest = max(self._longest, (time.perf_counter() - began) * 1000)
+
+    async def _checkpoint(self) -> None:
+        """PASSIVE first (writers carry on), then TRUNCATE for what is left: TRUNCATE
+        holds off writers while it copies, so it must have little to copy."""
+        await trio.to_thread.run_sync(self.store.checkpoint, "PASSIVE")
+        await trio.to_thread.run_sync(self.store.checkpoint, "TRUNCATE")
 
     async def periodic(self, every_s: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run every `every_s` seconds (a sleep in between: no idle wake-ups)."""
@@ -111,8 +143,8 @@ class Maintenance:
     async def _delete_expired(self) -> tuple[int, int]:
         cutoff = self.clock() - self.retention_ms
         deleted = files = 0
-        while ids := self.store.finished_before(cutoff, DELETE_BATCH):
-            deleted += self.store.delete_jobs(ids)
+        while ids := self._on_loop(self.store.finished_before, cutoff, DELETE_BATCH):
+            deleted += self._on_loop(self.store.delete_jobs, ids)
             files += await trio.to_thread.run_sync(self._remove_files_of, ids)
             await trio.sleep(0)  # let requests in between batches
         return deleted, files
@@ -134,7 +166,7 @@ class Maintenance:
         removed = 0
         for start in range(0, len(entries), SWEEP_BATCH):
             batch = entries[start : start + SWEEP_BATCH]
-            kept = self.store.existing_ids([_job_id_of(p) for p in batch])
+            kept = self._on_loop(self.store.existing_ids, [_job_id_of(p) for p in batch])
             orphans = [p for p in batch if _job_id_of(p) not in kept]
             if orphans:
                 removed += await trio.to_thread.run_sync(lambda o=orphans: sum(map(_remove, o)))
@@ -161,9 +193,9 @@ class Maintenance:
         if not (free and self._needs_vacuum(pages, free, page_size)):
             return "none"
         while free > 0:
-            self.store.release_free_pages(RELEASE_PAGES_STEP)
+            self._on_loop(self.store.release_free_pages, RELEASE_PAGES_STEP)
             await trio.sleep(0)
-            _pages, free, _size, _inc = self.store.page_stats()
+            _pages, free, _size, _inc = self._on_loop(self.store.page_stats)
         return "incremental"
 
     def _needs_vacuum(self, pages: int, free: int, page_size: int) -> bool:

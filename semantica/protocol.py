@@ -241,6 +241,8 @@ class MaintenanceReport(msgspec.Struct, kw_only=True):
     db_bytes_before: int
     db_bytes_after: int
     duration_ms: int
+    longest_hold_ms: float = 0.0  # the longest step that ran on the daemon's event loop
+    phases_ms: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class BackupReport(msgspec.Struct, kw_only=True):

@@ -1,0 +1,191 @@
+"""Execution benchmark (issue 4): how fast jobs drain, side by side with peers, and how
+soon a job starts. Prints figures; it is not a test.
+
+    .venv/bin/python bench/exec_bench.py            # 2,000 jobs each, a few minutes
+    .venv/bin/python bench/exec_bench.py --quick    # 300 jobs each
+
+Peers (`make bench-deps` installs them; each is skipped, saying how to get it, if absent):
+- huey 3 (SqliteHuey, `huey_consumer -k process -w 2`, its default polling), a trivial
+  task returning a number;
+- task-spooler (`tsp -S 2`), `true` jobs: a C client forking a C binary.
+
+Each drains N jobs enqueued beforehand (queue paused / consumer not started / a gate
+job holding tsp's slot) on 2 workers, timed from the release to the last result.
+Latency: WARM enqueue->start p50/p99 over sequential jobs (the daemon's own
+started_at - created_at), then one job after the daemon has sat idle for 60 s
+(--quick: 10 s).
+
+Goals (issue 4): WARM drain >= 1.5x huey's; SUBPROCESS >= 400 jobs/s and >= 0.5x tsp's;
+WARM enqueue->start p99 <= 5 ms, also after an idle minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness import remove_home, start_daemon  # noqa: E402
+
+WORKERS = 2
+HUEY_TASKS = """
+from huey import SqliteHuey
+huey = SqliteHuey(filename={db!r})
+
+@huey.task()
+def noop():
+    return 1
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q / 100))]
+
+
+def semantica_drain(n: int, mode: str) -> float:
+    d = start_daemon(SEMANTICA_WORKERS=str(WORKERS), SEMANTICA_LOG_LEVEL="info")
+    try:
+        with d.client() as c:
+            c.pause("drain")
+            for start in range(0, n, 500):
+                c.enqueue_batch(
+                    [
+                        {"job_type": "noop", "queue": "drain", "execution_mode": mode}
+                        for _ in range(min(500, n - start))
+                    ]
+                )
+            t0 = time.perf_counter()
+            c.resume("drain")
+            while c.stats().jobs_by_state.get("DONE", 0) < n:
+                time.sleep(0.02)
+            return n / (time.perf_counter() - t0)
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def semantica_latency(samples: int, idle_s: float) -> tuple[float, float, float]:
+    d = start_daemon(SEMANTICA_WORKERS=str(WORKERS), SEMANTICA_LOG_LEVEL="info")
+    try:
+        with d.client() as c:
+            lat = []
+            for _ in range(samples + 20):
+                job = c.enqueue(job_type="noop", execution_mode="WARM")
+                done = c.wait(job.id, timeout_ms=10_000)
+                lat.append(done.started_at - done.created_at)
+            lat = lat[20:]  # the pool's first workers start during the first jobs
+            time.sleep(idle_s)
+            job = c.enqueue(job_type="noop", execution_mode="WARM")
+            done = c.wait(job.id, timeout_ms=10_000)
+            return percentile(lat, 50), percentile(lat, 99), done.started_at - done.created_at
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def huey_drain(n: int, tmp: Path) -> float | None:
+    consumer = Path(sys.executable).with_name("huey_consumer")
+    try:
+        import huey  # noqa: F401
+    except ImportError:
+        print("  huey: not installed (make bench-deps, or .venv/bin/pip install huey)")
+        return None
+    (tmp / "bench_huey_tasks.py").write_text(HUEY_TASKS.format(db=str(tmp / "huey.db")))
+    sys.path.insert(0, str(tmp))
+    import bench_huey_tasks as tasks
+
+    results = [tasks.noop() for _ in range(n)]
+    proc = subprocess.Popen(
+        [str(consumer), "bench_huey_tasks.huey", "-k", "process", "-w", str(WORKERS), "-q"],
+        cwd=tmp,
+        env={**os.environ, "PYTHONPATH": str(tmp)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    t0 = time.perf_counter()
+    try:
+        for r in results:
+            r.get(blocking=True, timeout=120)
+        return n / (time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def tsp_drain(n: int, tmp: Path) -> float | None:
+    tsp = shutil.which("tsp") or shutil.which("ts")
+    if tsp is None:
+        print("  tsp: not installed (make bench-deps, or apt-get install task-spooler)")
+        return None
+    env = {**os.environ, "TS_SOCKET": str(tmp / "ts.sock"), "TMPDIR": str(tmp), "TS_SLOTS": "1"}
+
+    def ts(*args: str) -> str:
+        return subprocess.run(
+            [tsp, *args], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    gate = tmp / "go"
+    ts("sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.005; done")  # holds the one slot
+    last = ""
+    for _ in range(n):
+        last = ts("true")
+    ts("-S", str(WORKERS))
+    t0 = time.perf_counter()
+    gate.touch()
+    ts("-w", last)
+    rate = n / (time.perf_counter() - t0)
+    ts("-K")
+    return rate
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n = 300 if args.quick else 2_000
+    print(
+        f"exec_bench: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
+        f"{n:,} jobs each, {WORKERS} workers"
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="sem-eb-"))
+    try:
+        sub = semantica_drain(n, "SUBPROCESS")
+        warm = semantica_drain(n, "WARM")
+        hu = huey_drain(n, tmp)
+        tsp = tsp_drain(n, tmp)
+        p50, p99, after_idle = semantica_latency(
+            100 if args.quick else 300, 10 if args.quick else 60
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'drain (jobs/s)':<28}{'Semantica':>12}{'peer':>12}")
+    print(f"{'SUBPROCESS vs tsp true':<28}{sub:>12.0f}{(tsp or 0):>12.0f}")
+    print(f"{'WARM vs huey process':<28}{warm:>12.0f}{(hu or 0):>12.0f}")
+    print(f"SUBPROCESS >= 400 jobs/s: {verdict(sub >= 400)}")
+    if tsp:
+        print(f"SUBPROCESS >= 0.5x tsp: {sub / tsp:.2f}x {verdict(sub >= 0.5 * tsp)}")
+    if hu:
+        print(f"WARM >= 1.5x huey: {warm / hu:.2f}x {verdict(warm >= 1.5 * hu)}")
+    print(
+        f"WARM enqueue->start: p50 {p50} ms, p99 {p99} ms ({verdict(p99 <= 5)}); "
+        f"after idling: {after_idle} ms ({verdict(after_idle <= 5)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

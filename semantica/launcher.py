@@ -570,8 +570,8 @@ class WarmPool:
             proc = await trio.lowlevel.open_process(
                 [launcher.python, "-P", "-m", "semantica.runner", "--warm"],
                 stdin=-1,  # subprocess.PIPE: the control channel
-                stdout=subprocess.DEVNULL,  # each job points them at its own log
-                stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # each job points them at its own log;
+                stderr=None,  # before the first job, trouble goes to the daemon's log
                 cwd=launcher.work_dir,
                 env=env,
                 start_new_session=True,
@@ -609,9 +609,19 @@ class ZygoteChild:
 
     async def wait(self) -> int | None:
         while not self.exited.is_set():
-            with contextlib.suppress(ZygoteGone):  # then `exited` is set too
+            try:
                 await self._zygote.pump(self.exited)
+            except ZygoteGone:
+                self.lost()
         return self.returncode
+
+    def lost(self) -> None:
+        """The zygote went before reporting this child's exit: stop it, count it killed
+        (it watches the zygote and would stop itself too)."""
+        if not self.exited.is_set():
+            kill_process_group(self.pid, signal.SIGKILL)
+            self.returncode = -signal.SIGKILL
+            self.exited.set()
 
 
 _NEVER = trio.Event()  # for waiters whose condition the loop around pump() checks
@@ -710,6 +720,8 @@ class Zygote:
         if pid in self._early_exits:
             proc.returncode = self._early_exits.pop(pid)
             proc.exited.set()
+        elif self.sock is None:  # the zygote died since it forked this child
+            proc.lost()
         else:
             self._children[pid] = proc
         return proc
@@ -754,10 +766,8 @@ class Zygote:
     async def _died(self, why: str) -> None:
         log.warning("zygote_gone", reason=why, advice="runners start without it until it is back")
         orphans, self._children = self._children, {}
-        for proc in orphans.values():  # each watches the zygote and stops itself
-            kill_process_group(proc.pid, signal.SIGKILL)
-            proc.returncode = -signal.SIGKILL
-            proc.exited.set()
+        for proc in orphans.values():
+            proc.lost()
         await self.close()
         raise ZygoteGone(why)
 

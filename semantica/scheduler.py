@@ -199,13 +199,31 @@ class Dispatcher:
                 offered = msgspec.structs.replace(offered, cpu_idle=False)
                 self._idle_admitted_at = now
             self._running[job.id] = trio.CancelScope()
-            trace_id = self.tracing.begin(job, now) if self.tracing else None
+            trace_id = self._trace_begin(job, now)
             self.on_job_changed(job)
             jobs.start_soon(self._run_job, job, trace_id)
         if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
             # A gated job may be waiting on a condition: read the sensors again soon.
             # Only while such a job is queued; an idle daemon does not wake for this.
             self.due_at(now + SAMPLE_EVERY_MS)
+
+    def _trace_begin(self, job: Job, now: int) -> str | None:
+        """Tracing is an observer: its trouble is logged, never the job's."""
+        if self.tracing is None:
+            return None
+        try:
+            return self.tracing.begin(job, now)
+        except Exception as exc:
+            log.warning("tracing_failed", job_id=job.id, error=repr(exc))
+            return None
+
+    def _trace_end(self, job: Job) -> None:
+        if self.tracing is None:
+            return
+        try:
+            self.tracing.end(job, self.clock())
+        except Exception as exc:
+            log.warning("tracing_failed", job_id=job.id, error=repr(exc))
 
     def _record_unrecorded(self) -> None:
         """Outcomes the store could not take when their attempts ended, retried."""
@@ -222,8 +240,7 @@ class Dispatcher:
         if ended.state is State.QUEUED:
             self.due_at(ended.run_after)
         self.on_job_changed(ended)
-        if self.tracing:
-            self.tracing.end(ended, self.clock())
+        self._trace_end(ended)
 
     def _seconds_to_next_due(self) -> float:
         if not self._due:
@@ -292,8 +309,7 @@ class Dispatcher:
         if ended.state is State.QUEUED:
             log.event("job_requeued", job_id=job.id, reason="daemon stopping")
         self.on_job_changed(ended)
-        if self.tracing:
-            self.tracing.end(ended, self.clock())
+        self._trace_end(ended)
 
     async def drain(self, grace_s: float) -> None:
         """Claim nothing more; give running jobs `grace_s` to end, then stop and requeue them."""

@@ -212,3 +212,14 @@ def test_with_no_daemon_ever_started_every_command_exits_3():
             assert done.returncode == 3 and "not running" in done.stderr, args
     finally:
         remove_home(home)
+
+
+def test_maintenance_and_backup_commands(home, tmp_path):
+    report = doc(home, "maintenance")
+    assert {"jobs_deleted", "vacuum", "db_bytes_before", "db_bytes_after"} <= report.keys()
+    assert "removed" in ok(home, "maintenance") and "MiB" in ok(home, "maintenance")
+    copy = tmp_path / "copy.db"
+    backup = doc(home, "backup", str(copy))
+    assert backup["path"] == str(copy) and copy.stat().st_size == backup["bytes"] > 0
+    again = cli(home, "backup", str(copy))
+    assert again.returncode == 1 and "exists already" in again.stderr

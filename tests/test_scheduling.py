@@ -194,3 +194,15 @@ def test_cpu_idle_and_ac_power_gates_open_when_the_conditions_change(daemon):
     finally:
         gated.stop()
         remove_home(gated.home)
+
+
+def test_waiting_reason_when_every_worker_is_busy(client):
+    busy = [
+        client.enqueue(job_type="sleep", queue="fill", payload={"seconds": 1.5})
+        for _ in range(WORKERS)
+    ]
+    for job in busy:
+        wait_state(client, job.id, State.RUNNING)
+    waiting = client.enqueue(job_type="noop", queue="elsewhere")
+    assert client.get(waiting.id).waiting_reason == f"all {WORKERS} workers are busy"
+    assert client.wait(waiting.id, timeout_ms=20_000).state is State.DONE

@@ -293,7 +293,7 @@ class Api:
     # ----------------------------------------------------------------- jobs
 
     async def enqueue(self, req: EnqueueRequest) -> Job:
-        self._check_job_type(req.job_type, "job_type")
+        req.job_type = self._check_job_type(req.job_type, "job_type")
         [result] = await self.committer.submit(EnqueueGroup([req], batch=False))
         return result.job
 
@@ -301,14 +301,17 @@ class Api:
         if not params.jobs:
             raise ValidationError("jobs", "must hold at least one job")
         for index, req in enumerate(params.jobs):
-            self._check_job_type(req.job_type, f"jobs[{index}].job_type")
+            req.job_type = self._check_job_type(req.job_type, f"jobs[{index}].job_type")
         results = await self.committer.submit(EnqueueGroup(params.jobs, batch=True))
         return p.JobList(jobs=[r.job for r in results])
 
-    def _check_job_type(self, job_type: str, field: str) -> None:
-        """A job type must name an installed runner plugin (case-insensitive)."""
-        if not isinstance(job_type, str) or job_type.lower() in self.runners:
-            return
+    def _check_job_type(self, job_type: str, field: str) -> str:
+        """A job type must name an installed runner plugin (case-insensitive); returns
+        its one spelling, so `INDEX_FILE` and `index_file` jobs supersede each other."""
+        if not isinstance(job_type, str):
+            return job_type  # validation names the field's type error
+        if job_type.lower() in self.runners:
+            return job_type.lower()
         self.runners = installed_runners()  # a plugin may have been installed since
         if job_type.lower() not in self.runners:
             raise ValidationError(
@@ -317,6 +320,7 @@ class Api:
                 f"{', '.join(sorted(self.runners)) or 'none'} (plugins register under the "
                 "'semantica.runners' entry point group)",
             )
+        return job_type.lower()
 
     async def retry(self, params: p.JobIdParams) -> Job:
         """Run a job that ended FAILED, CANCELLED or EXPIRED again, as a new job."""

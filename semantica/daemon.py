@@ -96,8 +96,13 @@ def _make_private_dir(path: Path, made: list[str]) -> None:
         made.append(f"tightened {path} to mode 0700 (it was open to others)")
 
 
-def init_home(cfg: Config) -> list[str]:
-    """Create the data directory, logs directory and database; say what was made."""
+def init_home(cfg: Config, lock: DaemonLock | None = None) -> list[str]:
+    """Create the data directory, logs directory and database; say what was made.
+
+    The database is opened (and migrated) only under the daemon lock, so a second
+    daemon, even a newer one, never touches a database another daemon owns. Pass the
+    lock already held, or None to take it for the set-up only (`--init`).
+    """
     made: list[str] = []
     old_umask = os.umask(0o077)
     try:
@@ -105,10 +110,18 @@ def init_home(cfg: Config) -> list[str]:
         _make_private_dir(cfg.logs_dir, made)
         if not cfg.db_path.parent.exists():
             _make_private_dir(cfg.db_path.parent, made)
-        existed = cfg.db_path.exists()
-        store = Store.open(cfg.db_path, synchronous=cfg.synchronous)
-        before, after = store.migrated
-        store.close()
+        own_lock = lock is None
+        if own_lock:
+            lock = DaemonLock(cfg.lock_path)
+            lock.acquire()
+        try:
+            existed = cfg.db_path.exists()
+            store = Store.open(cfg.db_path, synchronous=cfg.synchronous)
+            before, after = store.migrated
+            store.close()
+        finally:
+            if own_lock:
+                lock.release()
     finally:
         os.umask(old_umask)
     if not existed:
@@ -208,12 +221,15 @@ async def _send_watchdog(interval: float) -> None:
 
 async def serve(cfg: Config) -> None:
     """Run the daemon until SIGTERM/SIGINT or admin.shutdown.v1, then drain."""
-    init_home(cfg)
     lock = DaemonLock(cfg.lock_path)
-    lock.acquire()
     listeners = []
     store = None
     try:
+        _make_private_dir(cfg.home, [])  # the lock file lives beside the database
+        if not cfg.db_path.parent.exists():
+            _make_private_dir(cfg.db_path.parent, [])
+        lock.acquire()
+        init_home(cfg, lock)
         raise_fd_limit()
         store = Store.open(
             cfg.db_path,
@@ -318,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init:
         try:
             made = init_home(cfg)
-        except (SchemaTooNew, OSError) as exc:
+        except (SchemaTooNew, StartupError, OSError) as exc:
             print(f"semantica: cannot set up {cfg.home}: {exc}", file=sys.stderr)
             return 1
         for line in made or [f"{cfg.home} and {cfg.db_path} are ready; nothing to do"]:

@@ -82,7 +82,7 @@ class ExecutionMode(enum.StrEnum):
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 SUBJECT_KEY_MAX_BYTES = 1024
-PAYLOAD_MAX_BYTES = 10 * 1024 * 1024
+PAYLOAD_MAX_BYTES = 10_000_000  # SPEC §3: 10 MB encoded
 LABEL_MAX_CHARS = 256  # user_tag, parent_job_id, chain_group_id
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 GENERATION_MAX = 2**63 - 1
@@ -355,7 +355,7 @@ def _encode_payload(payload: dict[str, Any]) -> bytes:
     if len(encoded) > PAYLOAD_MAX_BYTES:
         raise ValidationError(
             "payload",
-            f"is {len(encoded)} bytes encoded; the limit is {PAYLOAD_MAX_BYTES} bytes (10 MiB). "
+            f"is {len(encoded)} bytes encoded; the limit is {PAYLOAD_MAX_BYTES} bytes (10 MB). "
             "Pass a path or reference to large data instead",
         )
     return encoded

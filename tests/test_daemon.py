@@ -198,6 +198,30 @@ def test_second_daemon_is_refused_naming_the_pid(daemon):
         assert c.stats().running == 0
 
 
+def test_init_under_a_running_daemon_is_refused_and_touches_nothing(daemon):
+    db = daemon.home / "meta.db"
+    before = db.stat().st_mtime_ns, db.stat().st_size
+    init = subprocess.run(
+        [sys.executable, "-m", "semantica.daemon", "--init"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert init.returncode == 1, init.stderr
+    assert f"(PID {daemon.proc.pid})" in init.stderr and "Traceback" not in init.stderr
+    assert (db.stat().st_mtime_ns, db.stat().st_size) == before
+
+
+def test_job_types_are_case_insensitive_and_supersede_each_other(daemon):
+    with daemon.client() as c:
+        first = c.enqueue(job_type="NOOP", subject_key="case.txt")
+        second = c.enqueue(job_type="noop", subject_key="case.txt")
+        assert first.job_type == second.job_type == "noop"
+        assert c.get(first.id).state is State.SUPERSEDED
+        assert second.generation == first.generation + 1
+
+
 def test_live_socket_of_another_daemon_is_not_replaced(daemon):
     other_home = make_home()
     env = daemon_env(other_home, SEMANTICA_SOCKET_PATH=str(daemon.socket_path))

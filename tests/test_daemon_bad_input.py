@@ -620,6 +620,35 @@ CASES = [
         id="backup-path-relative",
     ),
     pytest.param(
+        # 10 MB + 1 encoded: over SPEC §3's payload limit, under the message limit.
+        rpc(ENQ, {"job_type": "noop", "payload": {"x": "y" * (10_000_001 - 8)}}, 44),
+        p.VALIDATION,
+        44,
+        {"field": "payload"},
+        id="payload-10MB-plus-1",
+    ),
+    pytest.param(
+        rpc(ENQ, {"job_type": "noop", "queue": "bad queue!"}, 45),
+        p.VALIDATION,
+        45,
+        {"field": "queue"},
+        id="queue-name-with-space",
+    ),
+    pytest.param(
+        rpc(ENQ, {"job_type": "noop", "queue": "q" * 65}, 46),
+        p.VALIDATION,
+        46,
+        {"field": "queue"},
+        id="queue-name-too-long",
+    ),
+    pytest.param(
+        rpc(ENQ, {"job_type": "noop", "user_tag": "t" * 257}, 47),
+        p.VALIDATION,
+        47,
+        {"field": "user_tag"},
+        id="tag-too-long",
+    ),
+    pytest.param(
         rpc("admin.maintenance.v1", {"force_vacuum": "yes"}, 43),
         p.INVALID_PARAMS,
         43,
@@ -1066,7 +1095,8 @@ def _storm(daemon: Daemon, n: int) -> list[tuple[str, Any]]:
         for i, s in enumerate(socks):
             body = rpc("admin.stats.v1", None, i)
             if i % 5 == 4:
-                data = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                data = head + body
             else:
                 data = body + b"\n"
             # A connection over the cap is answered and closed if its request is slow to

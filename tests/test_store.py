@@ -197,7 +197,7 @@ def test_enqueue_batch_names_the_bad_job(store):
 
 BAD_REQUESTS = [
     {"subject_key": "nul\x00inside"},
-    {"payload": {"x": "y" * (10 * 1024 * 1024)}},
+    {"payload": {"x": "y" * (10_000_001 - len('{"x":""}'))}},  # 10 MB + 1 encoded
     {"queue": "bad queue!"},
     {"job_type": "../etc"},
     {"priority": 1001},

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,9 +37,12 @@ ZYGOTE_START_TIMEOUT_S = 30.0
 ZYGOTE_REPLY_TIMEOUT_S = 10.0
 # Set up by the launcher for `python -m semantica.runner`; a zygote's child gets these
 # through its request instead.
-RUNNER_SETUP_VARS = frozenset({"SEMANTICA_RLIMITS", "SEMANTICA_PARENT_PID", "SEMANTICA_RESULT_FD"})
+RUNNER_SETUP_VARS = frozenset(
+    {"SEMANTICA_RLIMITS", "SEMANTICA_PARENT_PID", "SEMANTICA_RESULT_FD", "SEMANTICA_PLUGIN_PATH"}
+)
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
 CHANNEL_DRAIN_S = 0.5  # after the runner exits, for its last message to be read
+START_TIME_SLACK_S = 0.05  # a process start time is known to the clock tick (10 ms)
 MAX_RESULT_BYTES = 16 * 1024 * 1024
 
 _decode_message = msgspec.json.Decoder(Progress | Result).decode
@@ -215,6 +219,7 @@ class Launcher:
         env = runner_environment(self.daemon_env, self.env_allowlist, job.env)
         env["SEMANTICA_RLIMITS"] = self._rlimits(job)
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
+        env.update(self._plugin_path())
         read_fd, write_fd = os.pipe()
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
         try:
@@ -230,6 +235,9 @@ class Launcher:
             raise
         try:
             proc = await self._start_runner(env, cwd, log_fd, write_fd)
+        except OSError as exc:  # no process: the process limit (EAGAIN), memory...
+            os.close(read_fd)
+            return self._not_started(exc, log_fd)
         except BaseException:
             os.close(read_fd)
             raise
@@ -304,6 +312,21 @@ class Launcher:
             pass_fds=(result_fd,),
             umask=0o077,
         )
+
+    def _not_started(self, exc: OSError, log_fd: int) -> Outcome:
+        """The attempt fails, to be retried by the policy; the job log says why."""
+        message = f"the runner could not be started: {exc}"
+        log.warning("runner_not_started", error=str(exc))
+        with contextlib.suppress(OSError):
+            os.write(log_fd, f"semantica: {message}\n".encode())
+        return Outcome(error_kind="spawn", error_message=message)
+
+    def _plugin_path(self) -> dict[str, str]:
+        """The daemon's PYTHONPATH, where it may have found plugins it lists: runners
+        search it too, without PYTHONPATH entering the job's environment."""
+        path = self.daemon_env.get("PYTHONPATH", "")
+        entries = [os.path.abspath(p) for p in path.split(os.pathsep) if p]
+        return {"SEMANTICA_PLUGIN_PATH": os.pathsep.join(entries)} if entries else {}
 
     def _rlimits(self, job: Job | None) -> str:
         """The sandbox's limits; CPU seconds follow the job's deadline (a WARM worker,
@@ -403,7 +426,16 @@ def kill_orphaned_runner(pid: int, start_time: float | None) -> list[int]:
     member lives, the kernel keeps that id from being reused, so signalling the group
     reaches only the job's processes; members older than the recorded start time are
     spared all the same. Returns the PIDs signalled.
+
+    A live process with that PID but another start time is not the runner: the PID
+    was reused, which the kernel allows only once the job's group is empty, so
+    nothing of the job is left and that process (its own group's leader perhaps)
+    is left alone.
     """
+    if start_time:
+        now_started = process_start_time(pid)
+        if now_started is not None and abs(now_started - start_time) > START_TIME_SLACK_S:
+            return []
     members = group_members(pid, started_after=start_time)
     if not members:
         return []
@@ -411,12 +443,29 @@ def kill_orphaned_runner(pid: int, start_time: float | None) -> list[int]:
     for proc in members:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _gone, alive = psutil.wait_procs(members, timeout=KILL_GRACE_S)
+    alive = _still_running(members, KILL_GRACE_S)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(alive, timeout=KILL_GRACE_S)
+    _still_running(alive, KILL_GRACE_S)
     return pids
+
+
+def _still_running(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `procs` still running after up to `timeout` seconds. A zombie counts as
+    gone: these are not our children, and whoever reaps them (init, which in some
+    containers never does) is not ours to wait for, as psutil.wait_procs would."""
+
+    def running(proc: psutil.Process) -> bool:
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in procs if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return alive
 
 
 def is_gone(pid: int) -> bool:
@@ -564,6 +613,7 @@ class WarmPool:
         env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
         env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
+        env.update(launcher._plugin_path())
         read_fd, write_fd = os.pipe()
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
         try:
@@ -631,6 +681,11 @@ class ZygoteGone(Exception):
     """The zygote could not start or has died: spawn the runner directly instead."""
 
 
+class ForkFailed(OSError):
+    """The zygote could not fork this runner (EAGAIN at the process limit...); it
+    carries on, and the attempt fails like any process that cannot start."""
+
+
 class Zygote:
     """The daemon's end of `python -m semantica.zygote` (see zygote.py).
 
@@ -646,7 +701,7 @@ class Zygote:
         self._request_lock = trio.Lock()
         self._reading = False  # one task reads the socket for all; the others wait
         self._changed = trio.Event()  # set (and replaced) after each message read
-        self._spawned: list[int] = []
+        self._spawned: list[int | str] = []  # pids, or why a fork failed, in request order
         self._children: dict[int, ZygoteChild] = {}
         self._early_exits: dict[int, int] = {}
 
@@ -656,6 +711,7 @@ class Zygote:
         env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
         env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
+        env.update(launcher._plugin_path())
         env["SEMANTICA_ZYGOTE_FD"] = str(theirs.fileno())
         try:
             self.proc = await trio.lowlevel.open_process(
@@ -711,7 +767,10 @@ class Zygote:
                         await self._died(f"sending to the zygote failed: {exc}")
                     while not self._spawned:
                         await self.pump(_NEVER)
-                    return self._spawned.pop(0)
+                    reply = self._spawned.pop(0)
+                    if isinstance(reply, str):
+                        raise ForkFailed(f"the zygote's {reply}")
+                    return reply
                 await self._died(f"no reply from the zygote in {ZYGOTE_REPLY_TIMEOUT_S:g} s")
                 raise AssertionError("unreachable: _died raises")
 
@@ -743,6 +802,8 @@ class Zygote:
                 await self._died("the zygote closed its socket")
             elif "spawned" in message:
                 self._spawned.append(message["spawned"])
+            elif "failed" in message:
+                self._spawned.append(str(message["failed"]))
             elif "exited" in message:
                 pid, status = message["exited"], message["status"]
                 proc = self._children.pop(pid, None)

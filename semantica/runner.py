@@ -22,7 +22,10 @@ pre-started zygote that calls `run_job` directly). The protocol:
   setrlimit; cpu gets a hard limit one second above the soft one) and
   `SEMANTICA_PARENT_PID` (the daemon's pid: when it dies the runner's process group
   gets SIGTERM, then SIGKILL after a grace; watched with a pidfd, or kqueue, not with
-  PR_SET_PDEATHSIG, which fires when the spawning *thread* exits).
+  PR_SET_PDEATHSIG, which fires when the spawning *thread* exits), and
+  `SEMANTICA_PLUGIN_PATH` (the daemon's PYTHONPATH, absolute: put on sys.path, so
+  the runner finds every plugin the daemon lists, while the job's environment,
+  built from the allowlist, carries no PYTHONPATH of the daemon's).
 
 Failures become a Result with `error_kind`:
   "permanent"        PermanentError, or an exception whose `permanent` attribute is true
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
 
 RLIMITS_ENV = "SEMANTICA_RLIMITS"
 PARENT_PID_ENV = "SEMANTICA_PARENT_PID"
+PLUGIN_PATH_ENV = "SEMANTICA_PLUGIN_PATH"
 PARENT_GONE_GRACE_S = 2.0  # between SIGTERM and SIGKILL to our group once the daemon is gone
 MAX_ERROR_MESSAGE_CHARS = 4000
 
@@ -138,12 +142,13 @@ def _install_sigterm_handler(flag: _CancelFlag) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def run_job(spec: RunSpec, result_fd: int) -> None:
+def run_job(spec: RunSpec, result_fd: int) -> bool:
     """Run one attempt in this process and write its messages to `result_fd`.
 
     Writes any progress, then exactly one Result line, whatever the plugin does,
     except leave the process (SystemExit, os._exit, a fatal signal). Does not close
     `result_fd` and may be called again in the same process for the next job.
+    Returns whether SIGTERM arrived meanwhile (the launcher is stopping this process).
     """
     channel = ResultChannel(result_fd)
     flag = _CancelFlag()
@@ -151,6 +156,7 @@ def run_job(spec: RunSpec, result_fd: int) -> None:
     result = _run(spec, channel, flag)
     _flush_std_streams()
     channel.send(result)
+    return flag.requested
 
 
 def _run(spec: RunSpec, channel: ResultChannel, flag: _CancelFlag) -> Result:
@@ -513,12 +519,21 @@ def _drop_cwd_from_sys_path() -> None:
         del sys.path[0]
 
 
+def _add_plugin_path() -> None:
+    """Search the daemon's PYTHONPATH for plugins too (see SEMANTICA_PLUGIN_PATH)."""
+    text = os.environ.pop(PLUGIN_PATH_ENV, None)
+    if text:
+        entries = [p for p in text.split(os.pathsep) if os.path.isabs(p) and p not in sys.path]
+        sys.path[:0] = entries
+
+
 def main() -> int:
     """`python -m semantica.runner`: the process around `run_job`."""
     result_fd = _result_fd_from_env()
     if result_fd is None:
         return 2
     _drop_cwd_from_sys_path()
+    _add_plugin_path()
     limits = os.environ.pop(RLIMITS_ENV, None)
     if limits:
         apply_rlimits(limits)
@@ -549,12 +564,15 @@ def main_warm() -> int:
     stdout and stderr at the job's log, sets its CPU limit to what it has used plus
     the job's allowance, and calls `run_job`, whose Result line tells the daemon the
     job is over. Stdin is moved off fd 0 first, so a plugin reading stdin reads
-    nothing instead of the next job. EOF on the control channel: exit.
+    nothing instead of the next job. The worker exits at EOF on the control channel,
+    and after a job during which SIGTERM came: that is how the daemon stops a worker
+    whose job was cancelled or overran, and it need not wait out its grace then.
     """
     result_fd = _result_fd_from_env()
     if result_fd is None:
         return 2
     _drop_cwd_from_sys_path()
+    _add_plugin_path()
     limits = os.environ.pop(RLIMITS_ENV, None)
     if limits:
         apply_rlimits(limits)
@@ -579,8 +597,10 @@ def main_warm() -> int:
             )
             continue
         _enter_job(job, base_env)
-        run_job(job.spec, result_fd)
+        stopping = run_job(job.spec, result_fd)
         _flush_std_streams()
+        if stopping:  # cancelled or past its deadline: the daemon stops this worker
+            break
     return 0
 
 

@@ -11,9 +11,16 @@ Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daem
   -> {"env": {...}, "cwd": "...", "rlimits": "<json>"} with three fds (SCM_RIGHTS):
      the job's stdin (the RunSpec), its log (stdout and stderr), its result channel
   <- {"spawned": pid}          (in request order)
+  <- {"failed": "why"}         (instead, when the fork failed: EAGAIN at the process
+                                limit, ENOMEM; that job only, the zygote carries on)
   <- {"exited": pid, "status": code}   (negative: killed by that signal)
   <- {"ready": pid}            (once, at start)
 EOF on the socket: the daemon is gone or done; the zygote exits.
+
+The zygote is a child subreaper (Linux): what a runner forked and left behind is
+re-parented to it and reaped here, so a killed fork bomb's processes do not linger as
+zombies holding the user's process slots where init does not reap them. Only the
+exits of the runners it forked are reported.
 
 * Apart from the thread that watches the daemon's PID (runner.watch_parent); a
   forked child has only the forking thread, as POSIX says.
@@ -128,6 +135,7 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
 def serve(sock: socket.socket) -> int:
     """The zygote's loop: fork on request, report exits, until the socket closes."""
     zygote_pid = os.getpid()
+    children: set[int] = set()  # the runners forked here, until their exit is reported
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -141,7 +149,7 @@ def serve(sock: socket.socket) -> int:
             if fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
-                _report_exits(sock)
+                _report_exits(sock, children)
                 continue
             received = _recv_request(sock)
             if received is None:
@@ -156,19 +164,28 @@ def serve(sock: socket.socket) -> int:
                     os.close(fd)
                 sock.sendall(_encode({"refused": str(exc)}))
                 continue
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN at the process limit, ENOMEM: this job only
+                for fd in fds:
+                    os.close(fd)
+                sock.sendall(_encode({"failed": f"fork failed: {exc}"}))
+                continue
             if pid == 0:
                 sock.close()
                 os.close(wake_r)
                 os.close(wake_w)
                 _child(request, fds, zygote_pid)
+            children.add(pid)
             for fd in fds:
                 os.close(fd)
             sock.sendall(_encode({"spawned": pid}))
-        _report_exits(sock)
+        _report_exits(sock, children)
 
 
-def _report_exits(sock: socket.socket) -> None:
+def _report_exits(sock: socket.socket, children: set[int]) -> None:
+    """Reap every exited child; report those of the runners this zygote forked (the
+    others are what runners left behind, re-parented to this subreaper)."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -176,7 +193,9 @@ def _report_exits(sock: socket.socket) -> None:
             return
         if pid == 0:
             return
-        sock.sendall(_encode({"exited": pid, "status": os.waitstatus_to_exitcode(status)}))
+        if pid in children:
+            children.discard(pid)
+            sock.sendall(_encode({"exited": pid, "status": os.waitstatus_to_exitcode(status)}))
 
 
 def main() -> int:
@@ -187,12 +206,14 @@ def main() -> int:
         sys.stderr.write(f"semantica zygote: no control socket ({exc}); the daemon starts it\n")
         return 2
     runner._drop_cwd_from_sys_path()
+    runner._add_plugin_path()
     limits = os.environ.pop(runner.RLIMITS_ENV, None)
     if limits:
         runner.apply_rlimits(limits)
     parent = os.environ.pop(runner.PARENT_PID_ENV, None)
     if parent and not runner.watch_parent(int(parent)):
         return 1
+    runner._become_subreaper()
     _preload_plugins()
     runner._job_logger()  # the logging machinery, imported once here
     return serve(sock)

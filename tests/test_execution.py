@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import textwrap
 import time
 
 import psutil
@@ -11,9 +14,32 @@ import pytest
 from harness import remove_home, start_daemon
 
 import semantica
-from semantica.domain import State
+from semantica.domain import EnqueueRequest, State
+from semantica.store import Conditions, Store
 
 FAST_RETRY = {"backoff_base_ms": 20, "backoff_factor": 1.0}
+
+# Callables for the `python` runner, imported by the runner from a temporary directory.
+HELPERS_SOURCE = textwrap.dedent(
+    """
+    import os
+    import time
+
+
+    def wait_for(ctx, path, progress=None):
+        \"\"\"Report `progress` ([fraction, message]) if given, then wait (at most 10 s)
+        for `path` to exist or for the job to be cancelled.\"\"\"
+        if progress is not None:
+            ctx.progress(0.25, "a start")
+            ctx.progress(*progress)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and not ctx.cancelled():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} never appeared")
+            time.sleep(0.002)
+        return {"attempt": ctx.attempt, "released": os.path.exists(path)}
+    """
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +54,55 @@ def daemon():
 def client(daemon):
     with daemon.client() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory):
+    """The directory of the `exec_helpers` module, for a `python` job's sys_path."""
+    root = tmp_path_factory.mktemp("helpers")
+    (root / "exec_helpers.py").write_text(HELPERS_SOURCE)
+    return str(root)
+
+
+def wait_for_payload(helpers, path, **kwargs):
+    return {
+        "callable": "exec_helpers:wait_for",
+        "pass_context": True,
+        "sys_path": [helpers],
+        "args": [str(path)],
+        "kwargs": kwargs,
+    }
+
+
+def live(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (a zombie has stopped running)."""
+    return psutil.pid_exists(pid) and not is_zombie(pid)
+
+
+def live_group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def wait_gone(pids, timeout=5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive := [pid for pid in pids if live(pid)]:
+        assert time.monotonic() < deadline, f"still running: {alive}"
+        time.sleep(0.01)
+
+
+def wait_for_state(client, job_id, predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate(job := client.get(job_id)):
+        assert time.monotonic() < deadline, f"never reached: {job}"
+        time.sleep(0.005)
+    return job
 
 
 def run_to_end(client, timeout_ms=20_000, **fields):
@@ -89,6 +164,24 @@ def test_deadline_kills_a_job_that_ignores_sigterm(client):
     assert not psutil.pid_exists(pid) or is_zombie(pid)
 
 
+def test_the_deadline_kills_grandchildren_that_ignore_sigterm(client):
+    script = 'trap "" TERM; sleep 60 & sleep 60'
+    job = client.enqueue(
+        job_type="shell", payload={"argv": ["sh", "-c", script]}, deadline_ms=500, max_attempts=1
+    )
+    runner = wait_until_running(client, job.id).runner_pid
+    deadline = time.monotonic() + 0.4
+    family: list[int] = []  # sh and its two sleeps, one of them in the background
+    while len(family) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        family = [p.pid for p in psutil.Process(runner).children(recursive=True)]
+    assert len(family) == 3, f"the job's processes never all started: {family}"
+    ended = client.wait(job.id, timeout_ms=15_000)
+    assert (ended.state, ended.error_kind) == (State.FAILED, "deadline")
+    assert not [pid for pid in [runner, *family] if live(pid)]
+    assert live_group_members(runner) == []
+
+
 def is_zombie(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -118,14 +211,49 @@ def test_cancelling_a_running_job_stops_its_process(client):
         time.sleep(0.05)
 
 
+def test_a_runner_killed_with_sigkill_is_retried(client, helpers, tmp_path):
+    release = tmp_path / "release"
+    job = client.enqueue(
+        job_type="python", payload=wait_for_payload(helpers, release), max_attempts=2, **FAST_RETRY
+    )
+    first = wait_until_running(client, job.id)
+    os.kill(first.runner_pid, signal.SIGKILL)
+    second = wait_for_state(
+        client, job.id, lambda j: j.attempt == 2 and j.state is State.RUNNING and j.runner_pid
+    )
+    # The first attempt's outcome stays on the job while the second one runs.
+    assert second.error_kind == "signal" and "SIGKILL" in second.error_message
+    assert second.runner_pid != first.runner_pid
+    release.touch()
+    done = client.wait(job.id, timeout_ms=10_000)
+    assert done.state is State.DONE and done.result_summary == {"attempt": 2, "released": True}
+
+
 def test_supersede_running_stops_the_older_run(client):
     old = client.enqueue(job_type="sleep", subject_key="k-run", payload={"seconds": 30})
-    wait_until_running(client, old.id)
+    pid = wait_until_running(client, old.id).runner_pid
     new = client.enqueue(
         job_type="sleep", subject_key="k-run", payload={"seconds": 0}, supersede_running=True
     )
     assert client.wait(old.id, timeout_ms=10_000).state is State.SUPERSEDED
     assert client.wait(new.id, timeout_ms=10_000).state is State.DONE
+    wait_gone([pid])
+    assert live_group_members(pid) == []
+
+
+@pytest.mark.parametrize("mode", ["SUBPROCESS", "WARM"])
+def test_progress_is_shown_while_the_job_runs(client, helpers, tmp_path, mode):
+    release = tmp_path / "release"
+    job = client.enqueue(
+        job_type="python",
+        execution_mode=mode,
+        payload=wait_for_payload(helpers, release, progress=[0.5, "halfway"]),
+    )
+    running = wait_for_state(client, job.id, lambda j: j.progress == 0.5)
+    assert running.state is State.RUNNING and running.progress_message == "halfway"
+    release.touch()
+    done = client.wait(job.id, timeout_ms=10_000)
+    assert done.state is State.DONE and done.result_summary["released"] is True
 
 
 def test_the_daemon_environment_never_reaches_a_job(client):
@@ -199,22 +327,91 @@ def test_sigkill_of_the_daemon_leaves_no_runner_and_loses_no_job():
     d = start_daemon(SEMANTICA_WORKERS="20")
     try:
         with d.client() as c:
-            done = run_to_end(c, job_type="noop")
-            jobs = [c.enqueue(job_type="sleep", payload={"seconds": 30}) for _ in range(20)]
-            pids = [wait_until_running(c, j.id).runner_pid for j in jobs]
+            zygote = run_to_end(c, job_type="python", payload={"callable": "os:getppid"})
+            multiply = {"callable": "operator:mul"}
+            finished = [
+                run_to_end(c, job_type="python", payload={**multiply, "args": [i, 7]})
+                for i in range(4)
+            ]
+            finished.append(
+                run_to_end(c, job_type="fail", payload={"mode": "permanent"}, max_attempts=1)
+            )
+            retried = [c.enqueue(job_type="sleep", payload={"seconds": 30}) for _ in range(14)]
+            single = [
+                c.enqueue(job_type="sleep", payload={"seconds": 30}, max_attempts=1)
+                for _ in range(6)
+            ]
+            pids = [wait_until_running(c, j.id).runner_pid for j in retried + single]
         d.kill()  # SIGKILL: no drain, no cleanup
         d.start()  # recovery runs before serving
-        for pid in pids:
-            assert not psutil.pid_exists(pid) or is_zombie(pid), f"runner {pid} survived"
+        for pid in [*pids, zygote.result_summary]:
+            assert not live(pid), f"runner {pid} survived"
+            assert live_group_members(pid) == [], f"the group of runner {pid} survived"
         with d.client() as c:
-            assert c.get(done.id).state is State.DONE
-            assert c.get(done.id).result_summary == {"ok": True}
-            for job in jobs:
+            for job in [zygote, *finished]:
                 got = c.get(job.id)
-                assert got.state in (State.QUEUED, State.RUNNING), got
-                assert got.error_kind in ("orphaned", None) and got.attempt <= 2
+                assert (got.state, got.attempt, got.finished_at) == (
+                    job.state,
+                    job.attempt,
+                    job.finished_at,
+                )
+                assert (got.result_summary, got.error_kind) == (job.result_summary, job.error_kind)
+            assert [c.get(j.id).result_summary for j in finished[:4]] == [0, 7, 14, 21]
+            for job in single:  # no attempt left: failed by the policy
+                got = c.get(job.id)
+                assert (got.state, got.attempt, got.error_kind) == (State.FAILED, 1, "orphaned")
+            for job in retried:  # requeued with backoff, or already running again
+                got = c.get(job.id)
+                assert got.error_kind == "orphaned", got
+                assert (got.state, got.attempt) in ((State.QUEUED, 1), (State.RUNNING, 2)), got
                 c.cancel(job.id)
     finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_recovery_kills_a_live_runner_with_its_group_but_not_a_reused_pid():
+    d = start_daemon()
+    d.stop()
+    # The runner of a previous daemon, still running, with a grandchild in its group;
+    # and a process that merely has the PID another job's runner once had.
+    runner = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        while len(family := psutil.Process(runner.pid).children()) < 2:
+            assert time.monotonic() < deadline, "the runner's children never started"
+            time.sleep(0.005)
+        store = Store.open(d.home / "meta.db")
+        try:
+            ids = {}
+            for name, proc, start in (
+                ("runner", runner, psutil.Process(runner.pid).create_time()),
+                ("stranger", stranger, psutil.Process(stranger.pid).create_time() - 30),
+            ):
+                now = int(time.time() * 1000)
+                request = EnqueueRequest(job_type="sleep", queue=name, max_attempts=1)
+                ids[name] = store.enqueue(request, now=now).job.id
+                claimed = store.claim_next_job(
+                    now=now, global_limit=2, conditions=Conditions(cpu_idle=True, on_ac_power=True)
+                )
+                assert claimed is not None and claimed.id == ids[name]
+                assert store.record_runner(claimed.id, proc.pid, start)
+        finally:
+            store.close()
+        d.start()  # recovery runs before serving
+        assert runner.wait(timeout=5) == -signal.SIGTERM
+        wait_gone([p.pid for p in family])
+        assert stranger.poll() is None, "a process that only reused a PID was killed"
+        with d.client() as c:
+            for name in ("runner", "stranger"):
+                got = c.get(ids[name])
+                assert (got.state, got.error_kind) == (State.FAILED, "orphaned"), got
+    finally:
+        for proc in (runner, stranger):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         d.stop()
         remove_home(d.home)
 
@@ -275,6 +472,43 @@ def test_the_open_files_limit_applies_to_jobs():
                 c, job_type="python", payload={"callable": "resource:getrlimit", "args": [7]}
             )
             assert job.result_summary == [64, 64]  # RLIMIT_NOFILE
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+THIRD_PARTY_PLUGIN = """\
+import os
+
+
+def greet(ctx):
+    ctx.progress(1.0, "greeted")
+    return {"hello": ctx.payload.get("who"), "pythonpath": os.environ.get("PYTHONPATH")}
+"""
+
+
+@pytest.mark.parametrize("zygote", ["on", "off"])
+def test_a_third_party_plugin_from_a_temporary_package_runs(tmp_path, zygote):
+    site = tmp_path / "site"
+    dist = site / "semantica_greeter-2.5.dist-info"
+    dist.mkdir(parents=True)
+    (site / "semantica_greeter.py").write_text(THIRD_PARTY_PLUGIN)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: semantica-greeter\nVersion: 2.5\n")
+    (dist / "entry_points.txt").write_text("[semantica.runners]\nGreet = semantica_greeter:greet\n")
+    # Installed for the daemon only through its PYTHONPATH, which is not allowlisted.
+    d = start_daemon(PYTHONPATH=str(site), SEMANTICA_ZYGOTE=zygote)
+    try:
+        with d.client() as c:
+            runners = {r.name: r for r in c.runners().runners}
+            assert runners["greet"].distribution == "semantica-greeter"
+            assert runners["greet"].version == "2.5"
+            assert runners["greet"].target == "semantica_greeter:greet"
+            for mode in ("SUBPROCESS", "WARM"):
+                job = run_to_end(c, job_type="GREET", payload={"who": mode}, execution_mode=mode)
+                assert job.state is State.DONE, (job, log_text(c, job.id))
+                # The runner found the plugin; the job's environment stays the allowlist's.
+                assert job.result_summary == {"hello": mode, "pythonpath": None}
+                assert job.progress == 1.0 and job.progress_message == "greeted"
     finally:
         d.stop()
         remove_home(d.home)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import pytest
 from harness import remove_home, start_daemon
 
@@ -84,17 +85,57 @@ def test_a_deadline_overrun_kills_the_worker(client):
     assert pid_of_worker(client) != pid
 
 
+def wait_until_running(client, job_id, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not ((job := client.get(job_id)).state is State.RUNNING and job.runner_pid):
+        assert time.monotonic() < deadline, f"never started: {job}"
+        time.sleep(0.005)
+    return job
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids, timeout=5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive := [pid for pid in pids if running(pid)]:
+        assert time.monotonic() < deadline, f"still running: {alive}"
+        time.sleep(0.01)
+
+
 def test_cancelling_a_running_warm_job_stops_it(client):
+    warm = pid_of_worker(client)  # a worker is up and waiting: the job starts at once on it
     job = client.enqueue(job_type="sleep", execution_mode="WARM", payload={"seconds": 30})
-    deadline = time.monotonic() + 10
-    while client.get(job.id).state is not State.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    worker = wait_until_running(client, job.id).runner_pid
+    assert worker == warm
+    deadline = time.monotonic() + 5
+    while not any(line.endswith(": sleep") for line in client.logs(job.id).lines):
+        assert time.monotonic() < deadline, "the job never started on the worker"
+        time.sleep(0.005)
     started = time.monotonic()
     client.cancel(job.id)
     assert client.wait(job.id, timeout_ms=10_000).state is State.CANCELLED
-    assert time.monotonic() - started < 5
-    assert pid_of_worker(client) > 0  # the pool carries on
+    wait_gone([worker])  # the worker that ran it is stopped, not reused
+    assert time.monotonic() - started < 1.5  # it stops on SIGTERM, no grace to wait out
+    assert pid_of_worker(client) not in (worker, 0)  # the pool carries on
+
+
+def test_cancelling_a_warm_job_stops_the_processes_it_started(client):
+    job = client.enqueue(
+        job_type="shell", execution_mode="WARM", payload={"argv": ["sh", "-c", "sleep 30; :"]}
+    )
+    worker = wait_until_running(client, job.id).runner_pid
+    deadline = time.monotonic() + 5
+    while len(work := psutil.Process(worker).children(recursive=True)) < 2:  # sh, sleep
+        assert time.monotonic() < deadline, "the job's command never started"
+        time.sleep(0.005)
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout_ms=10_000).state is State.CANCELLED
+    wait_gone([worker, *(p.pid for p in work)])
 
 
 def test_a_job_that_leaves_a_process_behind_retires_its_worker(client):

@@ -5,14 +5,50 @@ the job's own environment and sandbox; the daemon carries on if the zygote dies,
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
+import sys
+import textwrap
 import time
 
 import psutil
 import pytest
-from harness import remove_home, start_daemon
+from harness import Daemon, daemon_env, make_home, remove_home, start_daemon
 
 from semantica.domain import State
+
+NOBODY = 65534
+SLOTS = 48  # processes and threads the limited daemon's runners may add for user nobody
+
+# For the `python` runner: take every process slot the limit leaves, and hold them.
+HOLDER_SOURCE = textwrap.dedent(
+    """
+    import os
+    import signal
+    import time
+
+
+    def fill_process_slots(ctx, most):
+        forked = 0
+        while True:
+            try:
+                pid = os.fork()
+            except BlockingIOError:
+                break
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(60)
+                os._exit(0)
+            forked += 1
+            if forked >= most:
+                raise RuntimeError("the process limit never stopped the forks")
+        ctx.progress(1.0, f"holding {forked} processes")
+        while not ctx.cancelled():
+            time.sleep(0.005)
+        return forked
+    """
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +114,121 @@ def test_zygote_off_starts_a_new_interpreter_per_job():
     finally:
         d.stop()
         remove_home(d.home)
+
+
+# ------------------------------------------------------------- at the process limit
+#
+# RLIMIT_NPROC counts every process and thread of the real user, and the kernel does
+# not enforce it for root (nor with CAP_SYS_RESOURCE or CAP_SYS_ADMIN). So these tests
+# run the daemon as `nobody`, whose processes are few, with room for SLOTS more. The
+# interpreter and the test's files belong to root (/root is 0700 here): the daemon
+# keeps CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH to reach them, and no capability that
+# lifts the limit.
+
+
+def nobody_processes() -> list[tuple[int, str, int]]:
+    """(pid, state, threads) of every process whose real user is nobody, zombies too."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                fields = dict(line.split(":\t", 1) for line in f if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields["Uid"].split()[0]) == NOBODY:
+            found.append((int(name), fields["State"].split()[0], int(fields["Threads"])))
+    return found
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    setpriv = shutil.which("setpriv")
+    if sys.platform != "linux" or os.geteuid() != 0 or setpriv is None:
+        pytest.skip(
+            "the process limit is per user and not enforced for root: this needs root "
+            "and setpriv(1) to run the daemon as nobody"
+        )
+    home = make_home()
+    as_nobody = home.parent / "python-as-nobody"
+    caps = "+dac_override,+dac_read_search"
+    as_nobody.write_text(
+        f"#!/bin/sh\nexec {shlex.quote(setpriv)} --reuid={NOBODY} --regid={NOBODY} "
+        f"--clear-groups --inh-caps={caps} --ambient-caps={caps} "
+        f'{shlex.quote(sys.executable)} "$@"\n'
+    )
+    as_nobody.chmod(0o755)
+    limit = sum(threads for _pid, _state, threads in nobody_processes()) + SLOTS
+    env = daemon_env(home, SEMANTICA_WORKERS="2", SEMANTICA_RUNNER_MAX_PROCESSES=str(limit))
+    d = Daemon(home, env, [])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "executable", str(as_nobody))  # what the harness starts
+        d.start()
+    helpers = tmp_path_factory.mktemp("holder")
+    (helpers / "holder.py").write_text(HOLDER_SOURCE)
+    d.helpers = str(helpers)
+    yield d
+    d.stop()
+    remove_home(home)
+
+
+def only_daemon_and_zygote_left(d: Daemon, zygote: int, timeout: float = 1.0) -> None:
+    """Wait until nobody's processes are the daemon and its zygote: not one process of
+    the jobs is left, not even a zombie holding a process slot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = nobody_processes()
+        if {pid for pid, _state, _threads in left} == {d.proc.pid, zygote}:
+            return
+        assert time.monotonic() < deadline, f"left: {left}"
+        time.sleep(0.01)
+
+
+def test_a_fork_bomb_is_contained_by_the_process_limit(limited):
+    with limited.client() as c:
+        zygote = call(c, "os:getppid")
+        started = time.monotonic()
+        job = c.enqueue(
+            job_type="fail",
+            payload={"mode": "fork", "max": 4 * SLOTS},  # a bound, should the limit fail
+            deadline_ms=3000,
+            max_attempts=1,
+        )
+        ended = c.wait(job.id, timeout_ms=20_000)
+        assert ended.state is State.FAILED and ended.error_kind == "exception", ended
+        assert "BlockingIOError" in ended.error_message  # fork() refused: EAGAIN
+        assert time.monotonic() - started < 2.5  # stopped by the limit, not the deadline
+        only_daemon_and_zygote_left(limited, zygote)
+        assert limited.proc.poll() is None and c.health().ok
+        assert call(c, "os:getppid") == zygote  # the same zygote forks the next job
+
+
+def test_the_zygote_survives_a_fork_refused_at_the_process_limit(limited):
+    with limited.client() as c:
+        zygote = call(c, "os:getppid")
+        holder = c.enqueue(
+            job_type="python",
+            payload={
+                "callable": "holder:fill_process_slots",
+                "pass_context": True,
+                "sys_path": [limited.helpers],
+                "args": [4 * SLOTS],
+            },
+            max_attempts=1,
+        )
+        deadline = time.monotonic() + 10
+        while (got := c.get(holder.id)).progress != 1.0:
+            assert not got.is_terminal, got
+            assert time.monotonic() < deadline, got
+            time.sleep(0.005)
+        # Every slot is taken: the zygote's fork for this job fails, and only this job.
+        refused = c.enqueue(job_type="noop", max_attempts=1)
+        ended = c.wait(refused.id, timeout_ms=10_000)
+        assert (ended.state, ended.error_kind) == (State.FAILED, "spawn"), ended
+        assert "fork failed" in ended.error_message and "temporarily" in ended.error_message
+        assert psutil.Process(zygote).status() != psutil.STATUS_ZOMBIE
+        c.cancel(holder.id)
+        assert c.wait(holder.id, timeout_ms=10_000).state is State.CANCELLED
+        only_daemon_and_zygote_left(limited, zygote)
+        assert call(c, "os:getppid") == zygote

@@ -53,6 +53,9 @@ WRITING_METHODS = frozenset(
         "queues.resume.v1",
         "queues.configure.v1",
         "jobs.retry.v1",
+        # Deletes jobs (their files go only once that is on disk, see maintenance.py);
+        # the reply, saying what was deleted, waits for the WAL fsync like any write's.
+        "admin.maintenance.v1",
     }
 )
 LOG_FOLLOW_CHECK_S = 0.2
@@ -225,6 +228,7 @@ class Api:
             retention_days=retention_days,
             max_db_size_mb=max_db_size_mb,
             clock=clock,
+            durable=self.wal_sync.durable,  # shares the group fsync; counted with the others
         )
         self.request_shutdown = request_shutdown
         self.started_at = clock()
@@ -414,7 +418,7 @@ class Api:
                 )
             changed += superseded
         self.watch.changed(changed)
-        self.dispatcher.wake()
+        self.dispatcher.wake_for_enqueue({result.job.queue for result in results})
 
     def cancel(self, params: p.CancelParams) -> p.Cancelled:
         result = self.store.cancel(
@@ -514,7 +518,8 @@ class Api:
 
     async def health(self, params: p.HealthParams) -> p.HealthResult:
         check = "integrity_check" if params.integrity_check else "quick_check"
-        problems = await trio.to_thread.run_sync(self.store.check_integrity, check)
+        # A damaged page can make SQLite stop the check: that is reported as a problem.
+        problems = await self.maintenance.integrity_problems(check)
         disk = shutil.disk_usage(self.home)
         wal = self.store.path + "-wal"
         return p.HealthResult(

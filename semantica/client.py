@@ -150,6 +150,7 @@ class _Methods:
         tag: str | None = None,
         chain: str | None = None,
         subject: str | None = None,
+        parent: str | None = None,
         limit: int = 100,
         cursor: str | None = None,
     ) -> p.JobPage:
@@ -161,6 +162,7 @@ class _Methods:
             "tag": tag,
             "chain": chain,
             "subject": subject,
+            "parent": parent,
             "limit": limit,
             "cursor": cursor,
         }

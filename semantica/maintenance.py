@@ -3,8 +3,10 @@
 Runs every `SEMANTICA_MAINTENANCE_HOURS` (24 by default) and on `admin.maintenance.v1`.
 Nothing here holds the database for long: finished jobs are deleted a couple of hundred at
 a time on the daemon's own connection (each batch a short transaction, the event
-loop serving between batches); file system work and the checkpoint run in worker
-threads; free pages go back to the file system in small incremental-vacuum steps.
+loop serving between batches); file system work, fsyncs and the checkpoint run in
+worker threads; free pages go back to the file system in small incremental-vacuum steps.
+The files of deleted jobs are removed only once their deletion is on disk: a power cut
+may bring a deleted job back, never leave a kept job without its log.
 Only `force_vacuum` runs a full VACUUM, which holds the daemon while it rewrites the
 file (seconds per GiB).
 """
@@ -15,10 +17,11 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import apsw
 import msgspec
 import trio
 
@@ -27,6 +30,7 @@ from semantica.protocol import BackupReport, MaintenanceReport
 from semantica.store import StorageUnavailable, Store
 
 DELETE_BATCH = 200  # jobs per transaction: a few milliseconds each
+SYNC_EVERY_JOBS = 2000  # deleted jobs per fsync, after which their files are removed
 SWEEP_BATCH = 1000  # file names checked against the jobs table per query
 RELEASE_PAGES_STEP = 1024  # free pages handed back per incremental-vacuum step (4 MiB)
 FRAGMENTED_FREE_SHARE = 0.10  # vacuum when more than this share of pages is free
@@ -47,6 +51,19 @@ def _job_id_of(path: Path) -> str:
     return path.name.removesuffix(".log")
 
 
+def _fsync_file(path: str) -> None:
+    """fsync a file through a descriptor of our own (an fsync covers the file, whoever
+    wrote it): after it, every commit already in the WAL is on disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # no WAL: every commit is in the database file already
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Maintenance:
     def __init__(
         self,
@@ -56,8 +73,12 @@ class Maintenance:
         retention_days: float,
         max_db_size_mb: int,
         clock: Callable[[], int],
+        durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        # Makes every commit so far durable (the daemon's WalSync.durable can be given);
+        # by default an fsync of the WAL in a worker thread.
+        self.durable = durable or self._sync_wal
         self.dirs = [home / "logs", home / "artifacts", home / "work"]
         self.retention_ms = int(retention_days * 86_400_000)
         self.max_db_bytes = max_db_size_mb * 1024 * 1024
@@ -122,6 +143,24 @@ class Maintenance:
         finally:
             self._longest = max(self._longest, (time.perf_counter() - began) * 1000)
 
+    async def _sync_wal(self) -> None:
+        try:
+            await trio.to_thread.run_sync(_fsync_file, self.store.path + "-wal")
+        except OSError as exc:
+            raise StorageUnavailable(f"the database cannot be synced to disk ({exc})") from exc
+
+    async def integrity_problems(self, check: str) -> list[str]:
+        """`PRAGMA quick_check` or `integrity_check` in a worker thread: the problems
+        found (none: healthy). A check that SQLite itself stops on a damaged page is a
+        problem found, not an error of the daemon."""
+        try:
+            return await trio.to_thread.run_sync(self.store.check_integrity, check)
+        except apsw.Error as exc:
+            return [
+                f"{check} stopped: {exc} ({type(exc).__name__}); stop the daemon and "
+                "restore the latest backup (README, Operations: Backup and restore)"
+            ]
+
     async def _checkpoint(self) -> None:
         """PASSIVE first (writers carry on), then TRUNCATE for what is left: TRUNCATE
         holds off writers while it copies, so it must have little to copy."""
@@ -141,13 +180,31 @@ class Maintenance:
                 log.error("maintenance_failed", error=repr(exc), exc_info=True)
 
     async def _delete_expired(self) -> tuple[int, int]:
+        """Delete expired jobs a batch at a time; every SYNC_EVERY_JOBS, make the
+        deletions durable and only then remove those jobs' files."""
         cutoff = self.clock() - self.retention_ms
         deleted = files = 0
+        gone: list[str] = []  # deleted, but their files are still there
         while ids := self._on_loop(self.store.finished_before, cutoff, DELETE_BATCH):
-            deleted += self._on_loop(self.store.delete_jobs, ids)
-            files += await trio.to_thread.run_sync(self._remove_files_of, ids)
+            count = self._on_loop(self.store.delete_jobs, ids)
+            if count != len(
+                ids
+            ):  # not today (found and deleted in one tick): keep kept jobs' files
+                kept = self._on_loop(self.store.existing_ids, ids)
+                ids = [i for i in ids if i not in kept]
+            deleted += count
+            gone += ids
+            if len(gone) >= SYNC_EVERY_JOBS:
+                files += await self._remove_files_when_durable(gone)
+                gone = []
             await trio.sleep(0)  # let requests in between batches
+        if gone:
+            files += await self._remove_files_when_durable(gone)
         return deleted, files
+
+    async def _remove_files_when_durable(self, ids: list[str]) -> int:
+        await self.durable()
+        return await trio.to_thread.run_sync(self._remove_files_of, ids)
 
     def _remove_files_of(self, ids: list[str]) -> int:
         removed = 0
@@ -183,12 +240,13 @@ class Maintenance:
         return entries
 
     async def _vacuum(self, force: bool) -> str:
-        pages, free, page_size, incremental = self.store.page_stats()
+        pages, free, page_size, incremental = self._on_loop(self.store.page_stats)
         if force or (free and not incremental and self._needs_vacuum(pages, free, page_size)):
             # On the daemon's own connection (an apsw connection is not shared across
-            # threads): requests wait until it is done. Only on request, or once for a
-            # file made before incremental vacuum was turned on.
-            self.store.vacuum()
+            # threads): requests wait until it is done, and longest_hold_ms says so.
+            # Only on request, or once for a file made before incremental vacuum was
+            # turned on.
+            self._on_loop(self.store.vacuum)
             return "full"
         if not (free and self._needs_vacuum(pages, free, page_size)):
             return "none"

@@ -56,6 +56,10 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.tracing = tracing
         self._wake = trio.Event()
+        # What the next look must consider: everything, or only the queues that had
+        # jobs enqueued (an enqueue into a paused queue makes nothing claimable).
+        self._look_everywhere = True
+        self._enqueued_into: set[str] = set()
         self._due: list[int] = []  # heap: times at which a queued job becomes ready or expires
         self._running: dict[str, trio.CancelScope] = {}
         self._stopping = False
@@ -64,6 +68,11 @@ class Dispatcher:
         self._caught_up = False
         self._failures = 0
         self._idle_admitted_at = -SAMPLE_EVERY_MS
+        # A probe that caches its readings (probe.SystemProbe) is told when an
+        # idle-gated job is admitted, so that the next reading is measured afresh with
+        # that job running instead of coming from the cache filled before it started.
+        probe = getattr(conditions, "__self__", None)
+        self._resample: Callable[[], None] = getattr(probe, "resample", None) or (lambda: None)
         self.wakeups = 0
         self.claim_latency = Histogram()  # ms per claim transaction
         self.start_latency = Histogram()  # ms from ready (enqueue, schedule, backoff) to start
@@ -71,14 +80,26 @@ class Dispatcher:
     # ----------------------------------------------------------------- events
 
     def wake(self) -> None:
-        """Something changed (a job enqueued or ended, a queue resumed): look again."""
+        """Something changed (a job ended, a queue resumed): look again."""
+        self._look_everywhere = True
+        self._wake.set()
+
+    def wake_for_enqueue(self, queues: set[str]) -> None:
+        """Jobs were enqueued into these queues: look again, there only."""
+        self._enqueued_into |= queues
         self._wake.set()
 
     def due_at(self, when_ms: int | None) -> None:
         """Look again at `when_ms` (a schedule_at, a retry, an expiry)."""
         if when_ms is not None and when_ms > self.clock():
+            nearest = self._due[0] if self._due else None
             heapq.heappush(self._due, when_ms)
-            self._wake.set()  # the wait must be re-armed if this is now the nearest time
+            # The wait must be re-armed only if this is now the nearest time: a later
+            # one is seen when the wait ends. (Waking for every call made each look that
+            # asked to look again later wake the loop at once: a busy loop while a gated
+            # job waited.)
+            if nearest is None or when_ms < nearest:
+                self._wake.set()
 
     def stop_job(self, job_id: str) -> bool:
         """Stop a running job's process group (it was cancelled or superseded)."""
@@ -170,6 +191,7 @@ class Dispatcher:
         self._record_unrecorded()
         now = self.clock()
         if self._due and self._due[0] <= now:
+            self._look_everywhere = True  # a time passed: any queue may have a ready job
             while self._due and self._due[0] <= now:
                 heapq.heappop(self._due)
             # Jobs queued before this daemon started are not in the heap: ask the
@@ -181,6 +203,10 @@ class Dispatcher:
                 self.on_job_changed(self.store.get(job_id))
         if self._stopping or len(self._running) >= self.workers:
             return
+        everywhere, self._look_everywhere = self._look_everywhere, False
+        enqueued_into, self._enqueued_into = self._enqueued_into, set()
+        if not everywhere and all(self.store.is_paused(q) for q in enqueued_into):
+            return  # woken only by enqueues into paused queues: nothing new can start
         # The sensors are read only while some queued job waits on them.
         wants_idle, wants_power = self.store.gated_waiting()
         offered = self.conditions() if wants_idle or wants_power else ALL_CONDITIONS
@@ -198,6 +224,7 @@ class Dispatcher:
                 # job per sample, and let the next reading decide about the next one.
                 offered = msgspec.structs.replace(offered, cpu_idle=False)
                 self._idle_admitted_at = now
+                self._resample()
             self._running[job.id] = trio.CancelScope()
             trace_id = self._trace_begin(job, now)
             self.on_job_changed(job)
@@ -205,7 +232,8 @@ class Dispatcher:
         if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
             # A gated job may be waiting on a condition: read the sensors again soon.
             # Only while such a job is queued; an idle daemon does not wake for this.
-            self.due_at(now + SAMPLE_EVERY_MS)
+            # Counted from after the admissions, so the probe's reading has aged by then.
+            self.due_at(self.clock() + SAMPLE_EVERY_MS)
 
     def _trace_begin(self, job: Job, now: int) -> str | None:
         """Tracing is an observer: its trouble is logged, never the job's."""

@@ -103,6 +103,7 @@ class JobFilter(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tag: str | None = None
     chain: str | None = None
     subject: str | None = None
+    parent: str | None = None  # parent_job_id
 
 
 class QueueInfo(msgspec.Struct, kw_only=True):
@@ -455,6 +456,7 @@ FROM queues AS q ORDER BY q.name
 
 SQL_SET_QUEUE_CONCURRENCY = "UPDATE queues SET concurrency = ? WHERE name = ?"
 SQL_SET_QUEUE_PAUSED = "UPDATE queues SET paused = ? WHERE name = ?"
+SQL_PAUSED_QUEUES = "SELECT name FROM queues WHERE paused = 1"
 
 SQL_STATS = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
 
@@ -537,6 +539,7 @@ class Store:
         self.env_allowlist = domain.DEFAULT_ENV_ALLOWLIST
         self.migrated: tuple[int, int] = (0, 0)  # schema version (before, after) at open
         self._known_queues: set[str] = set()  # queue rows known to exist (queues are never deleted)
+        self._paused: set[str] | None = None  # paused queues; None: not read yet
         self._tx = _Transaction(db)
         self._pending_inserts: list[tuple] = []  # job rows of the group being stored
         self._pending_keys: set[tuple[str, str, str]] = set()  # their supersede keys
@@ -1153,7 +1156,14 @@ class Store:
         with self._writing():
             self._db.execute(SQL_ENSURE_QUEUE, (name, now))
             self._db.execute(SQL_SET_QUEUE_PAUSED, (int(paused), name))
+        self._paused = None  # read again when next asked
         return self.queue(name)
+
+    def is_paused(self, name: str) -> bool:
+        """Whether a queue is paused, from memory: this store is its only writer."""
+        if self._paused is None:
+            self._paused = {row[0] for row in self._db.execute(SQL_PAUSED_QUEUES)}
+        return name in self._paused
 
     def queues(self) -> list[QueueInfo]:
         """Every queue with its limit, paused flag and job counts by state."""
@@ -1203,6 +1213,7 @@ class Store:
             ("user_tag", filters.tag),
             ("chain_group_id", filters.chain),
             ("subject_key", filters.subject),
+            ("parent_job_id", filters.parent),
         ):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -1369,19 +1380,21 @@ class _Transaction:
         try:
             self._db.__exit__(exc_type, exc, tb)
         except (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CantOpenError) as err:
-            raise StorageUnavailable(_storage_advice(err)) from err
+            raise StorageUnavailable(_storage_advice(err, self._db.system_errno)) from err
         if isinstance(exc, apsw.FullError | apsw.ReadOnlyError | apsw.IOError | apsw.CantOpenError):
-            raise StorageUnavailable(_storage_advice(exc)) from exc
+            raise StorageUnavailable(_storage_advice(exc, self._db.system_errno)) from exc
         if exc is None:
             self.commits += 1
         return False
 
 
-def _storage_advice(err: BaseException) -> str:
-    if isinstance(err, apsw.FullError):
+def _storage_advice(err: BaseException, os_errno: int = 0) -> str:
+    """What to do about a write the disk refused. SQLite reports many of these as a
+    generic I/O error; the OS error number behind it (when known) says which."""
+    if isinstance(err, apsw.FullError) or os_errno in (errno.ENOSPC, errno.EDQUOT):
         return (
             "the disk holding the database is full: free space there; Semantica resumes by itself"
         )
-    if isinstance(err, apsw.ReadOnlyError):
+    if isinstance(err, apsw.ReadOnlyError) or os_errno in (errno.EROFS, errno.EPERM, errno.EACCES):
         return "the database file is read-only: check its permissions and the filesystem mount"
     return f"the database cannot be written ({err}): check the disk and its free space"

@@ -7,14 +7,16 @@ attributes and events `claimed` and `finished`. Its trace id goes into the job's
 log lines and the daemon's `job_state_changed` records. Without the variable or the
 extra, nothing here is imported beyond this module and the daemon runs as before;
 with both but no collector answering, it runs and logs one warning.
+The spans' service name is `OTEL_SERVICE_NAME` when set, "semantica" otherwise.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from semantica import log
 from semantica.domain import Job, State
@@ -26,11 +28,12 @@ PROBE_TIMEOUT_S = 0.5
 class JobTracing:
     """One span per job attempt, kept from claim to finish."""
 
-    def __init__(self, tracer: Any) -> None:
+    def __init__(self, tracer: Any, *, provider: Any = None) -> None:
         from opentelemetry import trace
 
         self._trace = trace
         self.tracer = tracer
+        self.provider = provider  # the TracerProvider made here, if any (to flush it)
         self._spans: dict[str, Any] = {}
 
     def begin(self, job: Job, now_ms: int) -> str:
@@ -75,9 +78,25 @@ class JobTracing:
         span.end(end_time=now_ms * 1_000_000)
 
 
-def from_environment(env: dict[str, str] | None = None) -> JobTracing | None:
+def service_name(env: Mapping[str, str]) -> str:
+    """The `service.name` of the spans, in OpenTelemetry's own order: `OTEL_SERVICE_NAME`,
+    then `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, then "semantica" (where the SDK
+    would say "unknown_service")."""
+    if name := env.get("OTEL_SERVICE_NAME", "").strip():
+        return name
+    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "service.name" and value.strip():
+            return unquote(value.strip())
+    return SERVICE_NAME
+
+
+def from_environment(
+    env: Mapping[str, str] | None = None, *, exporter: Any = None
+) -> JobTracing | None:
     """Tracing as the environment asks: None unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set
-    and the `otel` extra is installed (each case logged once)."""
+    and the `otel` extra is installed (each case logged once). Spans go to `exporter`
+    (an OTLP/HTTP exporter unless given: tests pass the SDK's in-memory one)."""
     env = dict(os.environ if env is None else env)
     endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
@@ -107,10 +126,13 @@ def from_environment(env: dict[str, str] | None = None) -> JobTracing | None:
             endpoint=endpoint,
             advice="spans are exported if it comes up; jobs run either way",
         )
-    provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    log.event("tracing_on", endpoint=endpoint)
-    return JobTracing(provider.get_tracer("semantica"))
+    name = service_name(env)
+    # Attributes given here win over the SDK's environment detector, so the name is
+    # resolved above; the other OTEL_RESOURCE_ATTRIBUTES still come from the detector.
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider.add_span_processor(BatchSpanProcessor(exporter or OTLPSpanExporter()))
+    log.event("tracing_on", endpoint=endpoint, service_name=name)
+    return JobTracing(provider.get_tracer("semantica"), provider=provider)
 
 
 def _reachable(endpoint: str) -> bool:

@@ -222,6 +222,19 @@ def test_job_types_are_case_insensitive_and_supersede_each_other(daemon):
         assert second.generation == first.generation + 1
 
 
+def test_enqueues_into_a_paused_queue_cost_no_claim_and_run_once_resumed(daemon):
+    with daemon.client() as c:
+        c.pause("held")
+        c.enqueue(job_type="noop", queue="held")  # the dispatcher looks once after a pause
+        claims = c.stats().scheduler_pop_latency_ms.count
+        jobs = [c.enqueue(job_type="noop", queue="held") for _ in range(20)]
+        assert c.stats().scheduler_pop_latency_ms.count == claims  # no claim attempted
+        c.resume("held")
+        assert all(c.wait(j.id, timeout_ms=10_000).state is State.DONE for j in jobs)
+        c.enqueue(job_type="noop", queue="other")  # an active queue is still looked at
+        assert c.stats().scheduler_pop_latency_ms.count > claims
+
+
 def test_live_socket_of_another_daemon_is_not_replaced(daemon):
     other_home = make_home()
     env = daemon_env(other_home, SEMANTICA_SOCKET_PATH=str(daemon.socket_path))

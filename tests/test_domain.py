@@ -272,3 +272,156 @@ def test_success_with_newer_request_still_counts_as_done():
 def test_execution_mode_must_be_known():
     with pytest.raises(ValidationError, match="SUBPROCESS or WARM"):
         domain.validate_enqueue(req(execution_mode="TURBO"))
+
+
+# --------------------------------------------------------------------------- waiting reason
+
+NOW = 10_000
+
+
+def queued(**fields) -> domain.Job:
+    base = dict(state=State.QUEUED, attempt=0, started_at=None, queue="q", run_after=NOW)
+    return job(**{**base, **fields})
+
+
+def keyed(**fields) -> domain.Job:
+    return queued(subject_key="src/a.py", generation=3, **fields)
+
+
+WAITING_REASONS = [
+    ("time", queued(run_after=NOW + 2500), {}, "scheduled: schedule_at is in 2.5s"),
+    (
+        "backoff",
+        queued(attempt=1, run_after=NOW + 1200),
+        {},
+        "retry backoff: attempt 2 starts in 1.2s",
+    ),
+    (
+        "dependency",
+        queued(depends_on=["dep-1"]),
+        {"unfinished_dependencies": [("dep-1", "RUNNING")]},
+        "waiting for dependency dep-1 (RUNNING)",
+    ),
+    (
+        "dependencies",
+        queued(depends_on=["dep-1", "dep-2", "dep-3"]),
+        {"unfinished_dependencies": [("dep-2", "QUEUED"), ("dep-1", "QUEUED"), ("d", "QUEUED")]},
+        "waiting for dependency dep-2 (QUEUED) and 2 more",
+    ),
+    (
+        "cpu not idle",
+        queued(wait_for_idle=True),
+        {"cpu_idle": False},
+        "waiting for the CPU to be idle (wait_for_idle)",
+    ),
+    (
+        "on battery",
+        queued(require_charging=True),
+        {"on_ac_power": False},
+        "waiting for AC power: on battery (require_charging)",
+    ),
+    (
+        "queue paused",
+        queued(),
+        {"queue_paused": True},
+        "queue 'q' is paused: resume it with `semantica-cli resume q`",
+    ),
+    (
+        "queue full",
+        queued(),
+        {"queue_limit": 2, "queue_running": 2},
+        "queue 'q' is full: 2 of 2 running",
+    ),
+    (
+        "newer generation",
+        keyed(),
+        {"latest_generation": 5},
+        "a newer generation (5) of subject 'src/a.py' exists: this one will not run",
+    ),
+    (
+        "older generation running",
+        keyed(),
+        {"latest_generation": 3, "running_same_subject": "old-1"},
+        "an older generation of subject 'src/a.py' is still running (job old-1)",
+    ),
+    (
+        "workers busy",
+        queued(),
+        {"global_limit": 4, "global_running": 4},
+        "all 4 workers are busy",
+    ),
+    ("behind others", queued(), {"ahead": 3}, "ready: 3 job(s) ahead of it by priority and age"),
+    (
+        "behind many",
+        queued(),
+        {"ahead": 1000},
+        "ready: 1000+ job(s) ahead of it by priority and age",
+    ),
+    ("ready", queued(), {}, "ready: starting now"),
+]
+
+
+@pytest.mark.parametrize(
+    ("j", "facts", "reason"),
+    [case[1:] for case in WAITING_REASONS],
+    ids=[case[0] for case in WAITING_REASONS],
+)
+def test_waiting_reason_names_each_cause(j, facts, reason):
+    assert domain.waiting_reason(j, domain.WaitFacts(**facts), NOW) == reason
+
+
+def test_waiting_reason_is_none_unless_queued():
+    facts = domain.WaitFacts(queue_paused=True)
+    for state in State:
+        if state is not State.QUEUED:
+            assert domain.waiting_reason(queued(state=state), facts, NOW) is None
+
+
+def test_conditions_hold_back_only_the_jobs_that_ask_for_them():
+    bad_conditions = domain.WaitFacts(cpu_idle=False, on_ac_power=False)
+    assert domain.waiting_reason(queued(), bad_conditions, NOW) == "ready: starting now"
+    assert "CPU" in domain.waiting_reason(queued(wait_for_idle=True), bad_conditions, NOW)
+    assert "AC power" in domain.waiting_reason(queued(require_charging=True), bad_conditions, NOW)
+
+
+def test_waiting_reason_edges():
+    # Due exactly now is not waiting for its time; a queue without a limit is never full;
+    # the same generation as the latest is not "newer".
+    assert domain.waiting_reason(queued(run_after=NOW), domain.WaitFacts(), NOW) == (
+        "ready: starting now"
+    )
+    no_limit = domain.WaitFacts(queue_limit=None, queue_running=50, global_limit=100)
+    assert domain.waiting_reason(queued(), no_limit, NOW) == "ready: starting now"
+    same = domain.WaitFacts(latest_generation=3)
+    assert domain.waiting_reason(keyed(), same, NOW) == "ready: starting now"
+
+
+def test_the_first_cause_that_applies_is_given():
+    everything = domain.WaitFacts(
+        queue_paused=True,
+        queue_limit=1,
+        queue_running=1,
+        global_limit=1,
+        global_running=1,
+        unfinished_dependencies=[("dep-1", "QUEUED")],
+        running_same_subject="old-1",
+        cpu_idle=False,
+        on_ac_power=False,
+    )
+    gated = dict(wait_for_idle=True, require_charging=True)
+    late = keyed(run_after=NOW + 1000, **gated)
+    assert domain.waiting_reason(late, everything, NOW).startswith("scheduled")
+    now_due = keyed(**gated)
+    assert domain.waiting_reason(now_due, everything, NOW).startswith("waiting for dependency")
+    no_deps = msgspec.structs.replace(everything, unfinished_dependencies=[])
+    assert "older generation" in domain.waiting_reason(now_due, no_deps, NOW)
+    free_key = msgspec.structs.replace(no_deps, running_same_subject=None)
+    assert "paused" in domain.waiting_reason(now_due, free_key, NOW)
+    resumed = msgspec.structs.replace(free_key, queue_paused=False)
+    assert "full" in domain.waiting_reason(now_due, resumed, NOW)
+    room = msgspec.structs.replace(resumed, queue_limit=None)
+    assert "CPU" in domain.waiting_reason(now_due, room, NOW)
+    idle = msgspec.structs.replace(room, cpu_idle=True)
+    assert "AC power" in domain.waiting_reason(now_due, idle, NOW)
+    plugged = msgspec.structs.replace(idle, on_ac_power=True)
+    assert domain.waiting_reason(now_due, plugged, NOW) == "all 1 workers are busy"

@@ -1,13 +1,16 @@
-"""A full disk: writes fail with 5003 and say what to do, reads keep working, nothing
-is corrupted, and service resumes by itself once space returns (SPEC §8, §10).
+"""A full disk or a read-only database: writes fail with 5003 and say what to do,
+reads keep working, nothing is corrupted, and service resumes by itself once the cause
+is gone (SPEC §8, §10).
 
-`SEMANTICA_HOME` lives on a small tmpfs mounted for the test, so the disk really fills.
+`SEMANTICA_HOME` lives on a small filesystem mounted for the test, so the disk really
+fills, and the database file really turns read-only under the running daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,10 +18,12 @@ from pathlib import Path
 import pytest
 from harness import start_daemon
 
+from semantica import protocol as p
 from semantica.domain import State
 from semantica.errors import StorageUnavailable
 
 TMPFS_SIZE = "12m"
+EXT4_SIZE = 32 * 2**20
 
 
 @pytest.fixture
@@ -56,6 +61,44 @@ def fill(path: Path) -> None:
                 f.write(b"\0" * 512)
 
 
+@pytest.fixture
+def small_ext4():
+    """A 32 MiB ext4 filesystem on a loop device: unlike tmpfs, ext4 enforces the
+    immutable attribute on descriptors already open, for root too."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop filesystem and chattr +i need root")
+    for tool in ("mkfs.ext4", "chattr", "mount", "umount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    base = Path(tempfile.mkdtemp(prefix="sem-ro-"))
+    image, mount_point = base / "fs.img", base / "mnt"
+    mount_point.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(EXT4_SIZE)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+    mounted = made.returncode == 0 and subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mount_point)], capture_output=True, text=True
+    )
+    if not mounted or mounted.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        reason = (mounted.stderr if mounted else made.stderr).strip()
+        pytest.skip(f"cannot make and loop-mount an ext4 filesystem here: {reason}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(mount_point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def assert_refused_with_5003(exc: StorageUnavailable, *says: str) -> None:
+    assert exc.code == p.STORAGE_UNAVAILABLE == 5003
+    assert str(exc.message).startswith("storage unavailable: "), exc.message
+    for words in says:
+        assert words in exc.message, exc.message
+    assert exc.data == {"retry": "after the cause is fixed; reads still work"}
+
+
 def enqueue_until_refused(client) -> StorageUnavailable:
     big = {"blob": "x" * 200_000}
     for _ in range(200):  # the WAL may still have a few free pages to write into
@@ -75,8 +118,9 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(small_disk):
             filler = small_disk / "filler"
             fill(filler)
             refused = enqueue_until_refused(c)
-            assert "disk holding the database is full" in str(refused)
-            assert "free space there" in str(refused)
+            assert_refused_with_5003(
+                refused, "disk holding the database is full", "free space there"
+            )
 
             # Reads keep working, and the job written before is intact.
             assert c.get(before.id).state is State.QUEUED
@@ -91,4 +135,51 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(small_disk):
             health = c.health(integrity_check=True)
             assert health.ok and health.check == "integrity_check" and health.problems == []
     finally:
+        daemon.stop()
+
+
+def test_a_database_turned_read_only_refuses_writes_keeps_reads_and_recovers(small_ext4):
+    """The database file and its WAL become read-only while the daemon runs.
+
+    Not with `mount -o remount,ro`: the kernel refuses that while the daemon holds
+    its files open for writing ("mount point is busy"), and an ext4 error remount
+    (`emergency_ro`) cannot be undone without unmounting. Not with chmod either: root
+    ignores file modes. `chattr +i` makes ext4 refuse every write to the file (EPERM),
+    through descriptors already open and for root, and `chattr -i` gives it back.
+    """
+    home = small_ext4 / "home"
+    daemon = start_daemon(home, hold_queues=("default",))
+    db = home / "meta.db"
+    try:
+        with daemon.client() as c:
+            before = c.enqueue(job_type="noop", subject_key="kept")
+            assert Path(f"{db}-wal").exists()
+            subprocess.run(["chattr", "+i", str(db), f"{db}-wal"], check=True)
+            with pytest.raises(PermissionError):  # really read-only, for root too
+                os.open(f"{db}-wal", os.O_WRONLY)
+
+            with pytest.raises(StorageUnavailable) as refused:
+                c.enqueue(job_type="noop", subject_key="refused")
+            assert_refused_with_5003(refused.value, "read-only", "check its permissions")
+            with pytest.raises(StorageUnavailable) as refused_cancel:
+                c.cancel(before.id)
+            assert refused_cancel.value.code == 5003
+
+            # Reads keep working, and nothing refused was half-written.
+            assert c.get(before.id).state is State.QUEUED
+            assert [j.subject_key for j in c.list().jobs] == ["kept"]
+            assert c.stats().jobs_by_state["QUEUED"] == 1
+            health = c.health()
+            assert health.ok and health.problems == []
+            assert daemon.proc.poll() is None, "the daemon must not die on a read-only file"
+
+            subprocess.run(["chattr", "-i", str(db), f"{db}-wal"], check=True)
+            again = c.enqueue(job_type="noop", subject_key="after")  # no restart
+            c.resume("default")
+            assert c.wait(again.id, timeout_ms=20_000).state is State.DONE
+            assert c.wait(before.id, timeout_ms=20_000).state is State.DONE
+            health = c.health(integrity_check=True)
+            assert health.ok and health.check == "integrity_check" and health.problems == []
+    finally:
+        subprocess.run(["chattr", "-i", str(db), f"{db}-wal"], capture_output=True)
         daemon.stop()

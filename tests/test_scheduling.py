@@ -7,15 +7,29 @@ from `SEMANTICA_CONDITIONS_FILE`, which the tests rewrite while jobs wait.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import os
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
+import msgspec
+import psutil
 import pytest
-from harness import remove_home, start_daemon
+import trio
+from harness import make_home, remove_home, start_daemon
 
 import semantica
-from semantica.domain import State
+from semantica import config, protocol
+from semantica.domain import EnqueueRequest, State
+from semantica.probe import CPU_IDLE_BELOW_PERCENT, FRESH_FOR_S, SAMPLE_EVERY_S, SystemProbe
+from semantica.scheduler import Dispatcher
+from semantica.store import Conditions, JobFilter, Store
 
 WORKERS = 3
 
@@ -185,7 +199,10 @@ def test_cpu_idle_and_ac_power_gates_open_when_the_conditions_change(daemon):
             assert c.wait(free.id, timeout_ms=10_000).state is State.DONE
             time.sleep(0.5)
             assert c.get(idle.id).waiting_reason == "waiting for the CPU to be idle (wait_for_idle)"
-            assert "AC power" in c.get(power.id).waiting_reason
+            assert (
+                c.get(power.id).waiting_reason
+                == "waiting for AC power: on battery (require_charging)"
+            )
             write_conditions(conditions, cpu_idle=True, on_ac_power=False)
             assert c.wait(idle.id, timeout_ms=5_000).state is State.DONE
             assert c.get(power.id).state is State.QUEUED
@@ -206,3 +223,457 @@ def test_waiting_reason_when_every_worker_is_busy(client):
     waiting = client.enqueue(job_type="noop", queue="elsewhere")
     assert client.get(waiting.id).waiting_reason == f"all {WORKERS} workers are busy"
     assert client.wait(waiting.id, timeout_ms=20_000).state is State.DONE
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def test_a_dependent_of_an_expired_a_cancelled_or_a_superseded_job_is_cancelled(client):
+    client.pause("dep-held")
+    expiring = client.enqueue(job_type="noop", queue="dep-held", ttl_ms=100)
+    cancelled = client.enqueue(job_type="noop", queue="dep-held")
+    older = client.enqueue(job_type="noop", queue="dep-held", subject_key="dep-subject")
+    dependents = {
+        cause.id: client.enqueue(job_type="noop", queue="dep-free", depends_on=[cause.id])
+        for cause in (expiring, cancelled, older)
+    }
+    assert client.cancel(cancelled.id).dependents_cancelled == [dependents[cancelled.id].id]
+    newer = client.enqueue(job_type="noop", queue="dep-held", subject_key="dep-subject")
+    assert client.get(older.id).state is State.SUPERSEDED
+    assert client.wait(expiring.id, timeout_ms=5_000).state is State.EXPIRED
+    for cause, ended_as in ((expiring, "EXPIRED"), (cancelled, "CANCELLED"), (older, "SUPERSEDED")):
+        dependent = client.wait(dependents[cause.id].id, timeout_ms=5_000)
+        assert dependent.state is State.CANCELLED, (ended_as, dependent)
+        assert dependent.error_kind == "dependency_failed"
+        assert dependent.error_message == (
+            f"dependency {cause.id} ended {ended_as}, so this job cannot run"
+        )
+        assert dependent.started_at is None
+    client.cancel(newer.id)
+
+
+def runner_gone(pid: int, start_time: float | None) -> bool:
+    """The runner process no longer exists (or only as an unreaped zombie, or its pid
+    now belongs to a newer process)."""
+    try:
+        proc = psutil.Process(pid)
+        if start_time and proc.create_time() > start_time + 0.01:
+            return True
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_cancel_by_chain_cancels_every_unfinished_member_and_stops_the_running_one(client):
+    chain = f"chain-{uuid.uuid4()}"
+    done = client.enqueue(job_type="noop", queue="chain-run", chain_group_id=chain)
+    assert client.wait(done.id, timeout_ms=10_000).state is State.DONE
+    running = client.enqueue(
+        job_type="sleep", queue="chain-run", chain_group_id=chain, payload={"seconds": 30}
+    )
+    running = wait_state(client, running.id, State.RUNNING)
+    deadline = time.monotonic() + 5
+    while running.runner_pid is None:
+        assert time.monotonic() < deadline, running
+        time.sleep(0.01)
+        running = client.get(running.id)
+    assert not runner_gone(running.runner_pid, running.runner_start_time)
+    client.pause("chain-held")
+    queued = client.enqueue(job_type="noop", queue="chain-held", chain_group_id=chain)
+    later = client.enqueue(job_type="noop", chain_group_id=chain, schedule_at=now_ms() + 60_000)
+    waiting = client.enqueue(job_type="noop", chain_group_id=chain, depends_on=[running.id])
+    outsider = client.enqueue(job_type="noop", queue="chain-held")
+
+    result = client.cancel(chain=chain)
+    members = {running.id, queued.id, later.id, waiting.id}
+    assert set(result.cancelled) | set(result.dependents_cancelled) == members
+    deadline = time.monotonic() + 5
+    while not runner_gone(running.runner_pid, running.runner_start_time):
+        assert time.monotonic() < deadline, f"runner {running.runner_pid} still runs"
+        time.sleep(0.01)
+    time.sleep(0.05)  # the runner's end is recorded: it must not undo the cancel
+    for job_id in members:
+        assert client.get(job_id).state is State.CANCELLED, job_id
+    assert client.get(done.id).state is State.DONE
+    assert client.get(outsider.id).state is State.QUEUED
+    listed = {j.id: j.state for j in client.list(chain=chain).jobs}
+    assert listed == {done.id: State.DONE, **dict.fromkeys(members, State.CANCELLED)}
+    client.cancel(outsider.id)
+
+
+# --------------------------------------------------------------------------- parent filter
+
+
+def test_the_store_lists_the_children_of_a_parent(tmp_path):
+    store = Store.open(tmp_path / "meta.db")
+    try:
+        parent = store.enqueue(EnqueueRequest(job_type="noop"), now=1).job
+        kids = [
+            store.enqueue(
+                EnqueueRequest(job_type="noop", queue=queue, parent_job_id=parent.id), now=2 + i
+            ).job
+            for i, queue in enumerate(["a", "b", "a"])
+        ]
+        store.enqueue(EnqueueRequest(job_type="noop", parent_job_id="someone-else"), now=9)
+
+        def ids(**filters):
+            return [j.id for j in store.list(JobFilter(**filters))[0]]
+
+        assert ids(parent=parent.id) == [k.id for k in reversed(kids)]  # newest first
+        assert ids(parent=parent.id, queue="a") == [kids[2].id, kids[0].id]
+        assert ids(parent=parent.id, queue="b", state=State.DONE) == []
+        assert ids(parent="nobody") == []
+        assert len(ids()) == 5
+        first, cursor = store.list(JobFilter(parent=parent.id), limit=2)
+        rest, end = store.list(JobFilter(parent=parent.id), limit=2, cursor=cursor)
+        assert [j.id for j in first + rest] == [k.id for k in reversed(kids)] and end is None
+        plan = store.connection.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE parent_job_id = ? ORDER BY seq DESC",
+            ("x",),
+        ).fetchall()
+        assert "jobs_parent" in str(plan)
+    finally:
+        store.close()
+    params = msgspec.json.decode(b'{"parent": "p-1", "limit": 5}', type=protocol.ListParams)
+    assert params.parent == "p-1" and params.limit == 5
+
+
+def test_cli_list_parent_shows_only_that_jobs_children(daemon, client):
+    client.pause("family")
+    parent = client.enqueue(job_type="noop", queue="family")
+    kids = [
+        client.enqueue(job_type="noop", queue="family", parent_job_id=parent.id) for _ in range(2)
+    ]
+    client.enqueue(job_type="noop", queue="family", parent_job_id="someone-else")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEMANTICA_")}
+    env["SEMANTICA_HOME"] = str(daemon.home)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("semantica-cli")), "list", "--parent", parent.id,
+         "--json"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    page = json.loads(done.stdout)
+    assert [j["id"] for j in page["jobs"]] == [kids[1].id, kids[0].id]
+    assert all(j["parent_job_id"] == parent.id for j in page["jobs"])
+    client.cancel(parent.id)
+    for job in kids:
+        client.cancel(job.id)
+
+
+# --------------------------------------------------------------------------- queues
+
+
+def test_a_queues_concurrency_persists_across_a_restart():
+    home = make_home()
+    try:
+        first = start_daemon(home, SEMANTICA_WORKERS="3")
+        try:
+            with first.client() as c:
+                c.configure_queue("persisted", concurrency=1)
+                c.configure_queue("unlimited", concurrency=2)
+                c.configure_queue("unlimited", concurrency=None)
+        finally:
+            first.stop()
+        second = start_daemon(home, SEMANTICA_WORKERS="3")
+        try:
+            with second.client() as c:
+                queues = {q.name: q for q in c.queues().queues}
+                assert queues["persisted"].concurrency == 1 and not queues["persisted"].paused
+                assert queues["unlimited"].concurrency is None
+                jobs = [
+                    c.enqueue(job_type="sleep", queue="persisted", payload={"seconds": 0.1})
+                    for _ in range(3)
+                ]
+                ended = [c.wait(j.id, timeout_ms=10_000) for j in jobs]
+                assert all(j.state is State.DONE for j in ended)
+                assert overlap(ended) == 1  # the limit is kept, not only shown
+        finally:
+            second.stop()
+    finally:
+        remove_home(home)
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+class FakeSensors:
+    """psutil's cpu_percent(interval=None) and sensors_battery(), on a clock the test
+    moves: the CPU figure is the mean load since the previous call, like psutil's."""
+
+    def __init__(self, clock, load: float = 0.0, battery=None) -> None:
+        self.clock = clock
+        self.battery = battery
+        self._changes = [(clock(), load)]
+        self._last_call = clock()
+        self.reads: list[float] = []  # when cpu_percent was called
+
+    def set_load(self, load: float) -> None:
+        self._changes.append((self.clock(), load))
+
+    def _load_at(self, t: float) -> float:
+        return [load for since, load in self._changes if since <= t][-1]
+
+    def cpu_percent(self, interval=None) -> float:
+        assert interval is None, "the probe must never block the dispatcher"
+        start, end = self._last_call, self.clock()
+        self._last_call = end
+        self.reads.append(end)
+        if end <= start:
+            return self._load_at(end)
+        edges = sorted({start, end, *(t for t, _ in self._changes if start < t < end)})
+        busy = sum(self._load_at(a) * (b - a) for a, b in itertools.pairwise(edges))
+        return busy / (end - start)
+
+    def sensors_battery(self):
+        return self.battery
+
+
+class Clock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def ms(self) -> int:
+        return int(self.t * 1000)
+
+
+def battery(plugged):
+    return SimpleNamespace(percent=50.0, secsleft=3600, power_plugged=plugged)
+
+
+def test_probe_without_a_battery_counts_as_on_ac_power():
+    clock = Clock()
+    probe = SystemProbe(sensors=FakeSensors(clock, battery=None), clock=clock)
+    assert probe.conditions().on_ac_power
+    # psutil has no sensors_battery at all on some platforms
+    no_function = SimpleNamespace(cpu_percent=FakeSensors(clock).cpu_percent)
+    assert SystemProbe(sensors=no_function, clock=clock).conditions().on_ac_power
+
+
+def test_probe_reads_the_battery_plugged_and_unplugged():
+    clock = Clock()
+    sensors = FakeSensors(clock, battery=battery(True))
+    probe = SystemProbe(sensors=sensors, clock=clock)
+    assert probe.conditions().on_ac_power
+    sensors.battery = battery(False)
+    assert probe.conditions().on_ac_power, "within the interval the reading is reused"
+    clock.t += SAMPLE_EVERY_S
+    assert not probe.conditions().on_ac_power
+    sensors.battery = battery(None)  # psutil cannot tell: like a machine without sensors
+    clock.t += SAMPLE_EVERY_S
+    assert probe.conditions().on_ac_power
+    sensors.battery = battery(True)
+    clock.t += SAMPLE_EVERY_S
+    assert probe.conditions().on_ac_power
+
+
+@pytest.mark.parametrize(
+    ("threshold", "load", "idle"),
+    [(None, 29.9, True), (None, 30.0, False), (50.0, 49.0, True), (50.0, 51.0, False),
+     (5.0, 10.0, False)],
+)  # fmt: skip
+def test_probe_cpu_idle_is_below_the_threshold(threshold, load, idle):
+    clock = Clock()
+    sensors = FakeSensors(clock, load=load)
+    kwargs = {} if threshold is None else {"idle_below_percent": threshold}
+    probe = SystemProbe(sensors=sensors, clock=clock, **kwargs)
+    clock.t += SAMPLE_EVERY_S
+    assert probe.conditions().cpu_idle is idle
+
+
+def test_the_threshold_is_a_setting_of_30_percent_by_default(tmp_path):
+    env = {"SEMANTICA_HOME": str(tmp_path)}
+    assert config.load(env).cpu_idle_percent == CPU_IDLE_BELOW_PERCENT == 30.0
+    assert config.load({**env, "SEMANTICA_CPU_IDLE_PERCENT": "55"}).cpu_idle_percent == 55.0
+    with pytest.raises(config.ConfigError, match="SEMANTICA_CPU_IDLE_PERCENT"):
+        config.load({**env, "SEMANTICA_CPU_IDLE_PERCENT": "0"})
+
+
+def test_probe_caches_its_reading_for_an_interval():
+    clock = Clock()
+    sensors = FakeSensors(clock, load=80.0)
+    probe = SystemProbe(sensors=sensors, clock=clock)
+    assert sensors.reads == [100.0]  # the constructor only starts the measurement
+    clock.t += 1.0
+    assert not probe.conditions().cpu_idle
+    sensors.set_load(0.0)
+    clock.t += FRESH_FOR_S / 2
+    assert not probe.conditions().cpu_idle and len(sensors.reads) == 2
+    clock.t += FRESH_FOR_S
+    assert probe.conditions().cpu_idle and len(sensors.reads) == 3
+
+
+def test_probe_resample_counts_the_cpu_busy_until_a_full_interval_is_measured():
+    clock = Clock()
+    sensors = FakeSensors(clock, load=5.0)
+    probe = SystemProbe(sensors=sensors, clock=clock)
+    clock.t += 1.0
+    assert probe.conditions().cpu_idle
+    probe.resample()  # an idle-gated job just started
+    admitted_at = clock.t
+    sensors.set_load(80.0)
+    assert sensors.reads[-1] == admitted_at, "the next reading is measured from the admission"
+    clock.t += 0.05
+    assert not probe.conditions().cpu_idle and sensors.reads[-1] == admitted_at
+    clock.t = admitted_at + SAMPLE_EVERY_S
+    assert not probe.conditions().cpu_idle  # 80 % measured over [admission, now]
+    assert sensors.reads[-1] == admitted_at + SAMPLE_EVERY_S
+
+
+# --------------------------------------------------------------------------- the dispatcher
+
+
+class HeldLauncher:
+    """Starts nothing: every admitted job stays RUNNING until the test ends."""
+
+    async def run(self, job, **_):
+        await trio.sleep_forever()
+
+
+def dispatcher_with_probe(tmp_path, clock: Clock, sensors: FakeSensors, *, probe_clock=None):
+    store = Store.open(tmp_path / "meta.db")
+    probe = SystemProbe(sensors=sensors, clock=probe_clock or clock)
+    dispatcher = Dispatcher(
+        store,
+        HeldLauncher(),
+        workers=4,
+        clock=clock.ms,
+        conditions=probe.conditions,
+        on_job_changed=lambda job: None,
+    )
+    return store, probe, dispatcher
+
+
+def look(dispatcher: Dispatcher, jobs: trio.Nursery) -> None:
+    """What the dispatcher's loop does when something wakes it (here: the test)."""
+    dispatcher.wake()
+    dispatcher.step(jobs)
+
+
+def enqueue_idle_gated(store, clock: Clock, n: int = 2) -> list[str]:
+    return [
+        store.enqueue(EnqueueRequest(job_type="noop", wait_for_idle=True), now=clock.ms()).job.id
+        for _ in range(n)
+    ]
+
+
+async def test_idle_gate_recheck_never_reuses_the_reading_from_before_the_admission(tmp_path):
+    # The dispatcher's clock counts whole milliseconds; the probe's does not. The look
+    # one interval after an admission can come a fraction of a millisecond less than an
+    # interval after the reading that admitted it: that reading must not be reused.
+    clock = Clock(100.0009)
+    sensors = FakeSensors(clock, load=5.0)
+    store, _probe, dispatcher = dispatcher_with_probe(tmp_path, clock, sensors)
+    first, second = enqueue_idle_gated(store, clock)
+    try:
+        async with trio.open_nursery() as jobs:
+            look(dispatcher, jobs)
+            assert [j.id for j in store.running_jobs()] == [first]
+            sensors.set_load(80.0)  # the first job's own load
+            clock.t = 101.0  # the dispatcher asked to look again at admission + 1000 ms
+            look(dispatcher, jobs)
+            assert [j.id for j in store.running_jobs()] == [first]
+            assert sensors.reads[-1] == 101.0, "a reading taken after the admission decides"
+            sensors.set_load(5.0)
+            clock.t += SAMPLE_EVERY_S
+            look(dispatcher, jobs)
+            assert {j.id for j in store.running_jobs()} == {first, second}
+            jobs.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_idle_gate_admits_the_next_job_only_on_a_reading_made_after_the_first_started(
+    tmp_path,
+):
+    clock = Clock(100.0)
+    sensors = FakeSensors(clock, load=5.0)
+    store, probe, dispatcher = dispatcher_with_probe(tmp_path, clock, sensors)
+    store.set_queue_paused("default", True, now=clock.ms())
+    first, second = enqueue_idle_gated(store, clock)
+    try:
+        async with trio.open_nursery() as jobs:
+            look(dispatcher, jobs)  # reads the sensors (idle), but the queue is paused
+            assert store.running_jobs() == [] and sensors.reads[-1] == 100.0
+            clock.t = 100.9
+            store.set_queue_paused("default", False, now=clock.ms())
+            look(dispatcher, jobs)  # admits one on the cached reading
+            assert [j.id for j in store.running_jobs()] == [first]
+            sensors.set_load(80.0)  # the first job's own load
+            clock.t = 100.96  # someone asks why the second waits: the answer is not idle
+            assert not probe.conditions().cpu_idle
+            clock.t = 101.9  # one interval after the admission
+            look(dispatcher, jobs)
+            assert [j.id for j in store.running_jobs()] == [first]
+            measured = [t for t in sensors.reads if t > 100.9]
+            assert measured == [101.9], "one reading, covering the interval since the admission"
+            sensors.set_load(5.0)
+            clock.t += SAMPLE_EVERY_S
+            look(dispatcher, jobs)
+            assert {j.id for j in store.running_jobs()} == {first, second}
+            jobs.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_the_sensors_are_read_only_while_a_gated_job_waits(tmp_path):
+    clock = Clock(100.0)
+    sensors = FakeSensors(clock, load=90.0, battery=battery(True))
+    store, _probe, dispatcher = dispatcher_with_probe(tmp_path, clock, sensors)
+    try:
+        async with trio.open_nursery() as jobs:
+            store.enqueue(EnqueueRequest(job_type="noop"), now=clock.ms())
+            for _ in range(3):
+                clock.t += SAMPLE_EVERY_S
+                look(dispatcher, jobs)
+            assert sensors.reads == [100.0]  # only the constructor's
+            assert math.isinf(dispatcher._seconds_to_next_due())  # and no wake-up planned
+            gated = store.enqueue(
+                EnqueueRequest(job_type="noop", wait_for_idle=True), now=clock.ms()
+            ).job
+            for _ in range(3):
+                clock.t += SAMPLE_EVERY_S
+                look(dispatcher, jobs)
+            assert len(sensors.reads) == 4 and store.get(gated.id).state is State.QUEUED
+            assert dispatcher._seconds_to_next_due() == pytest.approx(SAMPLE_EVERY_S, abs=0.01)
+            store.cancel(job_id=gated.id, now=clock.ms())
+            for _ in range(3):
+                clock.t += SAMPLE_EVERY_S
+                look(dispatcher, jobs)
+            assert len(sensors.reads) == 4
+            assert math.isinf(dispatcher._seconds_to_next_due())
+            jobs.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_a_gated_job_waiting_on_its_condition_does_not_spin_the_dispatcher(tmp_path):
+    store = Store.open(tmp_path / "meta.db")
+    reads = []
+
+    def busy_cpu() -> Conditions:
+        reads.append(time.monotonic())
+        return Conditions(cpu_idle=False, on_ac_power=True)
+
+    dispatcher = Dispatcher(
+        store,
+        HeldLauncher(),
+        workers=2,
+        clock=lambda: time.time_ns() // 1_000_000,
+        conditions=busy_cpu,
+        on_job_changed=lambda job: None,
+    )
+    store.enqueue(EnqueueRequest(job_type="noop", wait_for_idle=True), now=now_ms())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            await trio.sleep(0.3)
+            # One look at the start (and one more at most for the wake-up it asks for);
+            # the next is one sample interval later, not at once and again.
+            assert dispatcher.wakeups <= 2 and len(reads) <= 2, (dispatcher.wakeups, len(reads))
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()

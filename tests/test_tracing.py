@@ -88,6 +88,40 @@ async def test_each_attempt_is_a_span_from_ready_to_finish(tmp_path):
     assert f"semantica.job trace_id={trace_id}: job {ok_id} attempt 1" in log_text
 
 
+def traced_service_name(tmp_path, env: dict[str, str]) -> str:
+    """The service.name on a span made by the tracing `from_environment` sets up, caught
+    by the SDK's in-memory exporter in place of the OTLP one."""
+    exporter = InMemorySpanExporter()
+    traced = tracing.from_environment(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", **env},
+        exporter=exporter,
+    )
+    assert traced is not None and traced.provider is not None
+    store = Store.open(tmp_path / f"meta-{len(list(tmp_path.iterdir()))}.db")
+    try:
+        job = store.enqueue(EnqueueRequest(job_type="noop"), now=wall_ms()).job
+    finally:
+        store.close()
+    traced.begin(job, wall_ms())
+    traced.end(job, wall_ms())
+    assert traced.provider.force_flush(5_000)
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["semantica.job.id"] == job.id
+    traced.provider.shutdown()
+    return span.resource.attributes["service.name"]
+
+
+def test_the_service_name_is_otel_service_name_when_set_else_semantica(tmp_path):
+    assert traced_service_name(tmp_path, {}) == "semantica"
+    assert traced_service_name(tmp_path, {"OTEL_SERVICE_NAME": "indexer-7"}) == "indexer-7"
+    assert traced_service_name(tmp_path, {"OTEL_SERVICE_NAME": ""}) == "semantica"
+    # OpenTelemetry's order: OTEL_SERVICE_NAME, then service.name in the resource attributes.
+    attrs = {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,service.name=idx%20b"}
+    assert traced_service_name(tmp_path, attrs) == "idx b"
+    both = {**attrs, "OTEL_SERVICE_NAME": "wins"}
+    assert traced_service_name(tmp_path, both) == "wins"
+
+
 def test_off_without_the_variable():
     assert tracing.from_environment({}) is None
 
@@ -102,7 +136,12 @@ def test_off_with_a_warning_without_the_extra(monkeypatch, caplog):
 
 @pytest.fixture
 def unreachable_collector_daemon():
-    d = start_daemon(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    d = start_daemon(
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        # The exporter's last flush at exit retries for up to this long (10 s by
+        # default: 1 + 2 + 4 s of backoff against a closed port).
+        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+    )
     yield d
     d.stop()
     remove_home(d.home)

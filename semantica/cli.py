@@ -32,7 +32,7 @@ from semantica import joblog
 from semantica import protocol as p
 from semantica.client import START_HINT, Client
 from semantica.domain import Job, State
-from semantica.errors import DaemonNotRunning, SemanticaError
+from semantica.errors import ConnectionLost, DaemonNotRunning, SemanticaError
 from semantica.store import JobFilter, Store, StoreError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -122,23 +122,41 @@ def session() -> Session:
     return _session
 
 
-def _error_document(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, SemanticaError):
-        return {"error": {"code": exc.code, "message": exc.message, "data": exc.data}}
-    return {"error": {"code": None, "message": str(exc), "data": None}}
+def _error_code(problem: str | Exception, exit_code: int) -> str | int:
+    """The daemon's own error code (4004, ...) when it answered; else what went wrong
+    on this side: "daemon_not_running", "connection_lost", "usage" or "error"."""
+    if isinstance(problem, DaemonNotRunning):
+        return "daemon_not_running"
+    if isinstance(problem, ConnectionLost):
+        return "connection_lost"
+    if isinstance(problem, SemanticaError) and problem.code:
+        return problem.code
+    return "usage" if exit_code == EXIT_USAGE else "error"
+
+
+def error_document(problem: str | Exception, exit_code: int) -> dict[str, Any]:
+    """`{"error": {"code", "message", "data"}}`, as `--json` prints it on stderr."""
+    if isinstance(problem, SemanticaError):
+        message, data = problem.message, problem.data
+    else:
+        message, data = str(problem), None
+    return {"error": {"code": _error_code(problem, exit_code), "message": message, "data": data}}
+
+
+def report(problem: str | Exception, exit_code: int, as_json: bool, hint: str = "") -> None:
+    """One error on stderr: a red line for people (and a dim hint), one JSON line with --json."""
+    if as_json:
+        line = json.dumps(error_document(problem, exit_code))
+        err.print_json(line, indent=None) if err.is_terminal else print(line, file=sys.stderr)
+        return
+    text = problem.message if isinstance(problem, SemanticaError) else str(problem)
+    err.print(Text(f"error: {text}", style="bold red"))
+    if hint:
+        err.print(Text(hint, style="dim"))
 
 
 def fail(message: str | Exception, code: int, as_json: bool) -> NoReturn:
-    if as_json:
-        doc = (
-            _error_document(message)
-            if isinstance(message, Exception)
-            else {"error": {"message": message}}
-        )
-        err.print_json(data=doc) if err.is_terminal else print(json.dumps(doc), file=sys.stderr)
-    else:
-        text = message.message if isinstance(message, SemanticaError) else str(message)
-        err.print(Text(f"error: {text}", style="bold red"))
+    report(message, code, as_json)
     raise typer.Exit(code)
 
 
@@ -337,6 +355,7 @@ def list_jobs(
     tag: str | None = None,
     chain: str | None = None,
     subject: str | None = None,
+    parent: Annotated[str | None, typer.Option(help="Only the children of this job id.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n")] = 20,
     cursor: Annotated[str | None, typer.Option(help="From a previous --json page.")] = None,
     as_json: JsonOpt = False,
@@ -345,16 +364,18 @@ def list_jobs(
     with reading(as_json) as source:
         if state is not None and state.upper() not in State.__members__:
             raise UsageProblem(f"--state {state!r}: use one of {', '.join(State.__members__)}")
-        page = source.list(
-            state=state.upper() if state else None,
-            queue=queue,
-            job_type=job_type,
-            tag=tag,
-            chain=chain,
-            subject=subject,
-            limit=limit,
-            cursor=cursor,
-        )
+        query = {
+            "state": state.upper() if state else None,
+            "queue": queue,
+            "job_type": job_type,
+            "tag": tag,
+            "chain": chain,
+            "subject": subject,
+            "parent": parent,
+            "limit": limit,
+            "cursor": cursor,
+        }
+        page = source.list(**query)
         if as_json:
             emit(page, True)
         elif not page.jobs:
@@ -591,19 +612,31 @@ app.add_typer(service_app, name="service")
 
 
 def main() -> None:
+    as_json = "--json" in sys.argv[1:]
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's usage errors, shown our way: no box
+        code = getattr(exc, "exit_code", EXIT_USAGE)
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help
+            ctx = getattr(exc, "ctx", None)
+            hint = f"try `{ctx.command_path} --help`" if ctx is not None else ""
+            report(exc.format_message(), code, as_json, hint)
+    except typer.Abort:
+        report("aborted", EXIT_FAILED, as_json)
+        code = EXIT_FAILED
     except Exception as exc:  # a bug of ours: one line, not a traceback (unless asked)
         if os.environ.get("SEMANTICA_DEBUG"):
             raise
-        err.print(
-            Text(
-                f"error: semantica-cli failed unexpectedly ({exc!r}); "
-                "run again with SEMANTICA_DEBUG=1 for the traceback, and please report it",
-                style="bold red",
-            )
+        report(
+            f"semantica-cli failed unexpectedly ({exc!r}); run again with SEMANTICA_DEBUG=1 "
+            "for the traceback, and please report it",
+            EXIT_FAILED,
+            as_json,
         )
-        sys.exit(EXIT_FAILED)
+        code = EXIT_FAILED
+    # Without standalone mode typer returns the exit code of a typer.Exit, else what
+    # the command returned (None).
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

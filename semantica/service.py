@@ -1,6 +1,7 @@
 """Installing the daemon as a service: a systemd system or user unit, or a launchd
-LaunchAgent, written with the real executable path and the SEMANTICA_* settings in
-effect, plus the commands that enable it. `semantica-cli service` drives this.
+LaunchAgent, written with the real executable path and the settings in effect
+(SEMANTICA_*, and the OTEL_* variables tracing reads), plus the commands that enable
+it. `semantica-cli service` drives this.
 
 The files under `systemd/` and `launchd/` in the repository are what `render_*`
 produce for the default paths; a test keeps them equal.
@@ -45,8 +46,22 @@ def _quote_env(name: str, value: str) -> str:
     return f'Environment="{name}={escaped}"'
 
 
+# Beside SEMANTICA_*, the daemon reads these (SPEC §2; semantica/tracing.py).
+CARRIED_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+)
+
+
 def _settings(env: Mapping[str, str], drop: tuple[str, ...]) -> dict[str, str]:
-    return {k: v for k, v in sorted(env.items()) if k.startswith("SEMANTICA_") and k not in drop}
+    """The settings in effect that the service should keep: SEMANTICA_* and the OTLP
+    exporter's, nothing else of the environment (no secrets, no PATH)."""
+    return {
+        k: v
+        for k, v in sorted(env.items())
+        if (k.startswith("SEMANTICA_") or k in CARRIED_VARIABLES) and k not in drop
+    }
 
 
 def render_system_unit(executable: str, env: Mapping[str, str]) -> str:

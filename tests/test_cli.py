@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 from harness import make_home, remove_home, start_daemon
 
 from semantica.cli import parse_when
+from semantica.domain import State
 
 CLI = str(Path(sys.executable).with_name("semantica-cli"))
+JOB_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 def cli(
@@ -80,6 +83,31 @@ def test_enqueue_takes_every_field_as_a_flag(home, tmp_path):
     assert doc(home, "wait", job["id"])["state"] == "DONE"
 
 
+def test_enqueue_for_people_says_the_id_and_state(home):
+    ok(home, "pause", "cli-human")
+    said = ok(home, "enqueue", "noop", "--queue", "cli-human").strip()
+    found = re.fullmatch(rf"enqueued ({JOB_ID}) QUEUED", said)
+    assert found, said
+    assert doc(home, "show", found.group(1))["queue"] == "cli-human"
+    ok(home, "cancel", found.group(1))
+
+
+def test_pause_for_people_says_the_queue_is_paused(home):
+    assert ok(home, "pause", "cli-p").strip() == "queue cli-p paused"
+    assert {q["name"]: q["paused"] for q in doc(home, "queues")["queues"]}["cli-p"] is True
+    assert ok(home, "resume", "cli-p").strip() == "queue cli-p resumed"
+    assert {q["name"]: q["paused"] for q in doc(home, "queues")["queues"]}["cli-p"] is False
+
+
+def test_retry_for_people_names_the_new_job(home):
+    failed = ok(home, "enqueue", "fail", "-q", "--max-attempts", "1", "-p", '{"mode": "permanent"}')
+    assert cli(home, "wait", failed.strip()).returncode == 1
+    said = ok(home, "retry", failed.strip()).strip()
+    found = re.fullmatch(rf"retrying as ({JOB_ID})", said)
+    assert found and found.group(1) != failed.strip(), said
+    assert doc(home, "show", found.group(1))["parent_job_id"] == failed.strip()
+
+
 def test_list_show_and_status_for_people_and_programs(home):
     job_id = ok(home, "enqueue", "noop", "-q", "--subject", "listed.py").strip()
     ok(home, "wait", job_id)
@@ -126,6 +154,14 @@ def test_logs_follow_streams_json_lines_until_the_job_ends(home):
     ]
 
 
+def test_logs_follow_for_people_prints_the_lines_until_the_job_ends(home):
+    script = "for i in 1 2 3; do echo tock $i; sleep 0.1; done"
+    job_id = ok(home, "enqueue", "shell", "-q", "-p", json.dumps({"argv": ["sh", "-c", script]}))
+    followed = ok(home, "logs", job_id.strip(), "--follow").splitlines()
+    assert [line for line in followed if line.startswith("tock")] == ["tock 1", "tock 2", "tock 3"]
+    assert doc(home, "show", job_id.strip())["state"] == "DONE"  # it returned at the end
+
+
 def test_cancel_by_tag_and_exactly_one_target(home):
     ok(home, "pause", "cli-cancel")
     for _ in range(2):
@@ -135,6 +171,33 @@ def test_cancel_by_tag_and_exactly_one_target(home):
     for args in ((), ("x", "--tag", "t")):
         refused = cli(home, "cancel", *args)
         assert refused.returncode == 2 and "exactly one" in refused.stderr
+
+
+def test_cancel_one_job_with_json(daemon):
+    with daemon.client() as c:
+        c.pause("cli-cancel-one")
+        job_id = c.enqueue(job_type="noop", queue="cli-cancel-one").id
+        cancelled = doc(daemon.home, "cancel", job_id)
+        assert cancelled == {"cancelled": [job_id], "dependents_cancelled": []}
+        assert c.get(job_id).state is State.CANCELLED
+    again = cli(daemon.home, "cancel", job_id, "--json")  # a finished job stays as it is
+    assert again.returncode == 1 and json.loads(again.stderr)["error"]["code"] == 4009
+
+
+def test_cancel_a_chain_and_what_depends_on_it(daemon):
+    with daemon.client() as c:
+        c.pause("cli-chain")
+        chained = [
+            c.enqueue(job_type="noop", queue="cli-chain", chain_group_id="cli-c1").id
+            for _ in range(2)
+        ]
+        other = c.enqueue(job_type="noop", queue="cli-chain", chain_group_id="cli-c2").id
+        dependent = c.enqueue(job_type="noop", queue="cli-chain", depends_on=[chained[0]]).id
+        said = ok(daemon.home, "cancel", "--chain", "cli-c1").strip()
+        assert said == "cancelled 2 job(s) and 1 job(s) depending on them"
+        assert {c.get(i).state for i in [*chained, dependent]} == {State.CANCELLED}
+        assert c.get(other).state is State.QUEUED
+        c.cancel(chain="cli-c2")
 
 
 def test_queues_pause_resume_and_runners(home):
@@ -159,6 +222,7 @@ def test_queues_pause_resume_and_runners(home):
         (("list", "--state", "NOPE"), 2, "use one of"),
         (("show", "no-such-id"), 1, "no job"),
         (("enqueue",), 2, "Missing argument"),
+        (("list", "--limit", "abc"), 2, "Invalid value for '--limit'"),
     ],
 )
 def test_bad_input_is_one_clear_line_with_the_right_exit_code(home, args, code, says):
@@ -171,6 +235,35 @@ def test_errors_in_json_mode_are_a_json_document(home):
     done = cli(home, "show", "no-such-id", "--json")
     assert done.returncode == 1 and done.stdout == ""
     assert json.loads(done.stderr)["error"]["code"] == 4004
+
+
+USAGE_ERRORS = [
+    (("enqueue",), "Missing argument 'job_type'", "semantica-cli enqueue --help"),
+    (("list", "--limit", "abc"), "Invalid value for '--limit'", "semantica-cli list --help"),
+    (("list", "--bogus"), "No such option: --bogus", "semantica-cli list --help"),
+    (("no-such-command",), "No such command 'no-such-command'", "semantica-cli --help"),
+    (("service", "bogus"), "No such command 'bogus'", "semantica-cli service --help"),
+    (("enqueue", "noop", "--payload", "[1]"), "must be a JSON object", None),
+]
+
+
+@pytest.mark.parametrize(("args", "says", "hint"), USAGE_ERRORS)
+def test_usage_errors_are_one_red_line_and_a_hint_never_a_box(home, args, says, hint):
+    done = cli(home, *args)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("error: ") and says in lines[0], lines
+    assert lines[1:] == ([f"try `{hint}`"] if hint else []), lines
+    assert "╭" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("args", "says", "hint"), USAGE_ERRORS)
+def test_usage_errors_with_json_are_one_json_line(home, args, says, hint):
+    done = cli(home, *args, "--json")
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    [line] = done.stderr.splitlines()
+    error = json.loads(line)["error"]
+    assert error["code"] == "usage" and says in error["message"], error
 
 
 def test_parse_when_accepts_epoch_relative_and_iso():
@@ -204,6 +297,56 @@ def test_with_the_daemon_down_reads_still_work_and_writes_exit_3():
         remove_home(home)
 
 
+def test_shutdown_with_json_and_the_daemon_exits_0():
+    daemon = start_daemon()
+    try:
+        assert doc(daemon.home, "shutdown") == {"stopping": True}
+        assert daemon.proc.wait(timeout=20) == 0
+    finally:
+        daemon.stop()
+        remove_home(daemon.home)
+
+
+@pytest.fixture(scope="module")
+def stopped():
+    """The home of a daemon that ran a job, then stopped: (home, that job's id)."""
+    daemon = start_daemon()
+    with daemon.client() as c:
+        job_id = c.enqueue(job_type="noop").id
+        c.wait(job_id, timeout_ms=10_000)
+        c.shutdown()
+    assert daemon.proc.wait(timeout=20) == 0
+    yield daemon.home, job_id
+    daemon.stop()
+    remove_home(daemon.home)
+
+
+DOWN_COMMANDS = [
+    ("retry", "{id}"),
+    ("resume", "default"),
+    ("wait", "{id}"),
+    ("maintenance",),
+    ("backup", "{tmp}/copy.db"),
+    ("shutdown",),
+]
+
+
+@pytest.mark.parametrize("args", DOWN_COMMANDS, ids=lambda args: args[0])
+def test_with_the_daemon_down_commands_that_need_it_exit_3(stopped, tmp_path, args):
+    home, job_id = stopped
+    args = tuple(a.format(id=job_id, tmp=tmp_path) for a in args)
+    down = cli(home, *args)
+    assert down.returncode == 3 and down.stdout == "", (args, down.stdout, down.stderr)
+    [line] = down.stderr.splitlines()
+    assert line.startswith("error: the Semantica daemon is not running") and "`semantica`" in line
+    as_json = cli(home, *args, "--json")
+    assert as_json.returncode == 3 and as_json.stdout == ""
+    [line] = as_json.stderr.splitlines()
+    error = json.loads(line)["error"]
+    assert error["code"] == "daemon_not_running" and "start it with" in error["message"]
+    assert not (tmp_path / "copy.db").exists()
+
+
 def test_with_no_daemon_ever_started_every_command_exits_3():
     home = make_home()
     try:
@@ -223,3 +366,10 @@ def test_maintenance_and_backup_commands(home, tmp_path):
     assert backup["path"] == str(copy) and copy.stat().st_size == backup["bytes"] > 0
     again = cli(home, "backup", str(copy))
     assert again.returncode == 1 and "exists already" in again.stderr
+
+
+def test_backup_for_people_says_where_and_how_big(home, tmp_path):
+    copy = tmp_path / "human.db"
+    said = ok(home, "backup", str(copy)).strip()
+    assert re.fullmatch(rf"backed up to {re.escape(str(copy))} \(\d+\.\d MiB\) in \d+ ms", said)
+    assert copy.stat().st_size > 0

@@ -174,3 +174,123 @@ def test_cli_service_install_dry_run_prints_the_plan_and_changes_nothing(tmp_pat
         [CLI, "service", "install", "--dry-run"], capture_output=True, text=True, env=env
     )
     assert "would write" in human.stdout and "commands to run:" in human.stdout
+
+
+def fake_systemctl(tmp_path: Path, exit_code: int) -> tuple[dict[str, str], Path]:
+    """A PATH whose `systemctl` records its arguments and exits `exit_code`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "systemctl-calls"
+    bin_dir.mkdir()
+    script = bin_dir / "systemctl"
+    script.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\necho "semantica.service - inactive (fake)"\n'
+        f"exit {exit_code}\n"
+    )
+    script.chmod(0o755)
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    return env, calls
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_cli_service_uninstall_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    env, calls = fake_systemctl(tmp_path, 0)
+    unit = tmp_path / ".config/systemd/user/semantica.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\n")
+    done = run_cli(env, "service", "uninstall", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["dry_run"] and plan["kind"] == "systemd-user" and plan["path"] == str(unit)
+    assert plan["commands"] == [
+        "systemctl --user disable --now semantica.service",
+        "systemctl --user daemon-reload",
+    ]
+    human = run_cli(env, "service", "uninstall", "--dry-run")
+    assert human.returncode == 0, human.stderr
+    assert f"would remove {unit}" in human.stdout and "commands to run:" in human.stdout
+    assert "  systemctl --user daemon-reload" in human.stdout.splitlines()
+    assert unit.exists() and not calls.exists()  # nothing removed, nothing run
+
+
+def test_cli_service_status_shows_what_the_service_manager_says(tmp_path):
+    env, calls = fake_systemctl(tmp_path, 3)  # systemctl status: 3 = not running
+    done = run_cli(env, "service", "status", "--json")
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout) == {
+        "command": "systemctl --user status semantica.service",
+        "exit_code": 3,
+        "output": "semantica.service - inactive (fake)",
+    }
+    assert calls.read_text() == "--user status semantica.service\n"
+    human = run_cli(env, "service", "status", "--system")
+    assert human.returncode == 1 and human.stdout.strip() == "semantica.service - inactive (fake)"
+    assert calls.read_text().splitlines()[-1] == "status semantica.service"
+
+
+def test_cli_service_status_without_systemctl_is_one_clear_line(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": str(tmp_path)}  # no systemctl
+    done = run_cli(env, "service", "status")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == ["error: `systemctl` is not installed here"]
+    as_json = run_cli(env, "service", "status", "--json")
+    assert json.loads(as_json.stderr)["error"]["code"] == "error"
+
+
+def _hidden_by_the_system_unit(exe: str) -> bool:
+    """What the installer checks: would ProtectHome=yes hide this executable or its #!?"""
+    paths = [exe, os.path.realpath(exe)]
+    first = Path(exe).read_bytes().split(b"\n", 1)[0]
+    if first.startswith(b"#!"):
+        paths.append(os.path.realpath(first[2:].decode().split()[0]))
+    return any(p.startswith(service.HIDDEN_BY_PROTECT_HOME) for p in paths)
+
+
+def test_cli_service_install_system_dry_run(tmp_path):
+    env, calls = fake_systemctl(tmp_path, 0)
+    exe = str(Path(sys.executable).with_name("semantica"))
+    done = run_cli(env, "service", "install", "--system", "--dry-run", "--json")
+    if _hidden_by_the_system_unit(exe):  # e.g. a venv whose Python lives under /root
+        assert done.returncode == 1 and done.stdout == ""
+        [line] = done.stderr.splitlines()
+        error = json.loads(line)["error"]
+        assert error["code"] == "error" and "ProtectHome=yes" in error["message"]
+        human = run_cli(env, "service", "install", "--system", "--dry-run")
+        assert human.returncode == 1 and len(human.stderr.splitlines()) == 1
+        assert human.stderr.startswith("error: ") and "/usr/bin/python3 -m venv" in human.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        plan = json.loads(done.stdout)
+        assert plan["dry_run"] and plan["kind"] == "systemd-system"
+        assert plan["path"] == "/etc/systemd/system/semantica.service"
+        assert f"ExecStart={exe}" in plan["content"] and "User=semantica" in plan["content"]
+        assert "systemctl enable --now semantica.service" in plan["commands"]
+    assert not calls.exists()  # a dry run runs nothing
+
+
+def test_install_carries_the_tracing_variables_and_no_other(tmp_path):
+    env = {
+        "HOME": str(tmp_path),
+        "PATH": os.environ["PATH"],
+        "SEMANTICA_WORKERS": "2",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4318",
+        "OTEL_SERVICE_NAME": "semantica-dev",
+        "OTEL_RESOURCE_ATTRIBUTES": "not=carried",
+        "AWS_SECRET_ACCESS_KEY": "no",
+    }
+    done = run_cli(env, "service", "install", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    content = json.loads(done.stdout)["content"]
+    environment = [x for x in content.splitlines() if x.startswith("Environment=")]
+    assert environment == [
+        'Environment="SEMANTICA_HOME=%h/.semantica"',
+        'Environment="OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318"',
+        'Environment="OTEL_SERVICE_NAME=semantica-dev"',
+        'Environment="SEMANTICA_WORKERS=2"',
+    ]
+    system = service.render_system_unit("/bin/true", env)
+    assert 'Environment="OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318"' in system
+    assert "AWS_SECRET" not in system and "OTEL_RESOURCE_ATTRIBUTES" not in system
+    plist = plistlib.loads(service.render_plist("/bin/true", env, tmp_path).encode())
+    assert plist["EnvironmentVariables"]["OTEL_SERVICE_NAME"] == "semantica-dev"

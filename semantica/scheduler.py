@@ -85,7 +85,10 @@ class Dispatcher:
         self._wake.set()
 
     def wake_for_enqueue(self, queues: set[str]) -> None:
-        """Jobs were enqueued into these queues: look again, there only."""
+        """Jobs were enqueued into these queues: look again, there only. Jobs in a
+        paused queue cannot start: for them alone the dispatcher is not woken."""
+        if all(self.store.is_paused(q) for q in queues):
+            return
         self._enqueued_into |= queues
         self._wake.set()
 
@@ -206,7 +209,7 @@ class Dispatcher:
         everywhere, self._look_everywhere = self._look_everywhere, False
         enqueued_into, self._enqueued_into = self._enqueued_into, set()
         if not everywhere and all(self.store.is_paused(q) for q in enqueued_into):
-            return  # woken only by enqueues into paused queues: nothing new can start
+            return  # queues paused since their enqueue woke us: nothing new can start
         # The sensors are read only while some queued job waits on them.
         wants_idle, wants_power = self.store.gated_waiting()
         offered = self.conditions() if wants_idle or wants_power else ALL_CONDITIONS

@@ -221,6 +221,13 @@ ON CONFLICT DO UPDATE SET latest_generation = latest_generation + 1
 RETURNING latest_generation
 """
 
+# n requests of one batch for a key at once: latest + n (the batch takes latest-n+1..latest).
+SQL_ADVANCE_GENERATION = """
+INSERT INTO subjects (queue, job_type, subject_key, latest_generation) VALUES (?, ?, ?, ?)
+ON CONFLICT DO UPDATE SET latest_generation = latest_generation + excluded.latest_generation
+RETURNING latest_generation
+"""
+
 # With an explicit generation: remember the highest seen; the caller compares.
 SQL_RECORD_GENERATION = """
 INSERT INTO subjects (queue, job_type, subject_key, latest_generation) VALUES (?, ?, ?, ?)
@@ -417,7 +424,7 @@ RETURNING {JOB_COLUMNS}
 
 SQL_NEXT_RUN_AFTER = """
 SELECT min(run_after) FROM jobs INDEXED BY jobs_run_after
-WHERE state = 'QUEUED' AND run_after > :now
+WHERE state = 'QUEUED' AND run_after > created_at AND run_after > :now
 """
 
 TERMINAL_SQL = ", ".join(sorted(f"'{s.value}'" for s in domain.TERMINAL_STATES))
@@ -476,6 +483,31 @@ def new_job_id(now_ms: int) -> str:
     )
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _in_batch_supersedes(
+    reqs: Sequence[EnqueueRequest],
+) -> dict[int, tuple[int | None, int | None, int]]:
+    """Keys that a batch names more than once, each time with a server-assigned
+    generation (no explicit generation, no supersede_running, no depends_on): for each
+    of their requests, (previous index, next index, how many) within the batch."""
+    by_key: dict[tuple[str, str, str], list[int]] = {}
+    unsuitable: set[tuple[str, str, str]] = set()
+    for i, req in enumerate(reqs):
+        if req.subject_key is None:
+            continue
+        key = (req.queue, req.job_type, req.subject_key)
+        by_key.setdefault(key, []).append(i)
+        if req.generation is not None or req.supersede_running or req.depends_on:
+            unsuitable.add(key)
+    plan: dict[int, tuple[int | None, int | None, int]] = {}
+    for key, indexes in by_key.items():
+        if len(indexes) > 1 and key not in unsuitable:
+            for n, i in enumerate(indexes):
+                prev = indexes[n - 1] if n else None
+                following = indexes[n + 1] if n + 1 < len(indexes) else None
+                plan[i] = (prev, following, len(indexes))
+    return plan
 
 
 def _row_to_job(row: Sequence[Any]) -> Job:
@@ -696,7 +728,7 @@ class Store:
                     os.close(self._wal_fd)
                 self._wal_fd = os.open(wal, os.O_RDONLY)
                 _fsync_dir(os.path.dirname(os.path.abspath(wal)))  # the WAL's name is durable too
-            os.fsync(self._wal_fd)
+            os.fdatasync(self._wal_fd)  # as SQLite does: the data, and the size to read it
         except FileNotFoundError:
             return  # no WAL: nothing committed since the last checkpoint truncated it
         except OSError as exc:
@@ -761,12 +793,7 @@ class Store:
                         continue
                     try:
                         with contextlib.nullcontext() if alone else self._db:  # savepoint
-                            outcomes.append(
-                                [
-                                    self._enqueue_one(req, payload, now)
-                                    for req, payload in zip(group.requests, payloads, strict=True)
-                                ]
-                            )
+                            outcomes.append(self._enqueue_group(group, payloads, now))
                             self._flush_inserts()
                     except ValidationError as exc:
                         self._pending_inserts.clear()  # rows of the group rolled back
@@ -800,11 +827,79 @@ class Store:
                 raise ValidationError(f"jobs[{index}].{exc.field}", exc.reason) from None
         return payloads
 
-    def _enqueue_one(self, req: EnqueueRequest, payload: bytes, now: int) -> EnqueueResult:
+    def _enqueue_group(
+        self, group: EnqueueGroup, payloads: list[bytes], now: int
+    ) -> list[EnqueueResult]:
+        reqs = group.requests
+        if len(reqs) == 1:
+            return [self._enqueue_one(reqs[0], payloads[0], now, new_job_id(now))]
+        ids = [new_job_id(now) for _ in reqs]
+        plan = _in_batch_supersedes(reqs)
+        generations: dict[tuple[str, str, str], int] = {}  # next generation, per planned key
+        results = []
+        for i, (req, payload) in enumerate(zip(reqs, payloads, strict=True)):
+            step = plan.get(i)
+            if step is None:
+                results.append(self._enqueue_one(req, payload, now, ids[i]))
+                continue
+            prev, following, count = step
+            key = (req.queue, req.job_type, req.subject_key)
+            results.append(
+                self._enqueue_planned(
+                    req, payload, now, ids[i], key, generations,
+                    prev_id=None if prev is None else ids[prev],
+                    next_id=None if following is None else ids[following],
+                    count=count,
+                )
+            )  # fmt: skip
+        return results
+
+    def _enqueue_planned(
+        self,
+        req: EnqueueRequest,
+        payload: bytes,
+        now: int,
+        job_id: str,
+        key: tuple[str, str, str],
+        generations: dict[tuple[str, str, str], int],
+        *,
+        prev_id: str | None,
+        next_id: str | None,
+        count: int,
+    ) -> EnqueueResult:
+        """One of several requests of a batch for one key, all server-numbered: the
+        same rules as one by one, in fewer statements. The first advances the key's
+        generation for all and supersedes its older QUEUED job; each is superseded by
+        the next (stored SUPERSEDED at once); the last stays QUEUED."""
+        superseded: list[str] = []
+        if prev_id is None:
+            if req.queue not in self._known_queues:
+                self._db.execute(SQL_ENSURE_QUEUE, (req.queue, now))
+            latest = self._db.execute(SQL_ADVANCE_GENERATION, (*key, count)).fetchall()[0][0]
+            generations[key] = latest - count + 1
+            args = {"now": now, "by": job_id, "queue": key[0], "job_type": key[1]}
+            args["subject_key"] = key[2]
+            superseded = [r[0] for r in self._db.execute(SQL_SUPERSEDE_OLDER_QUEUED, args)]
+            if superseded:
+                self._cancel_dependents(superseded, now)
+        else:
+            superseded = [prev_id]
+        generation = generations[key]
+        generations[key] = generation + 1
+        if next_id is None:
+            return self._store_row(req, payload, now, job_id, generation, superseded=superseded)
+        return self._store_row(
+            req, payload, now, job_id, generation, superseded=superseded,
+            state=State.SUPERSEDED, finished_at=now, error_kind="superseded",
+            error_message=f"superseded by a newer request for the same subject: job {next_id}",
+        )  # fmt: skip
+
+    def _enqueue_one(
+        self, req: EnqueueRequest, payload: bytes, now: int, job_id: str
+    ) -> EnqueueResult:
         db = self._db
         if req.queue not in self._known_queues:
             db.execute(SQL_ENSURE_QUEUE, (req.queue, now))
-        job_id = new_job_id(now)
         state = State.QUEUED
         generation = req.generation
         superseded: list[str] = []
@@ -838,6 +933,42 @@ class Store:
                 superseded = [r[0] for r in db.execute(SQL_SUPERSEDE_OLDER_QUEUED, args)]
                 if req.supersede_running:
                     superseded_running = [r[0] for r in db.execute(SQL_SUPERSEDE_RUNNING, args)]
+        result = self._store_row(
+            req, payload, now, job_id, generation, superseded=superseded,
+            superseded_running=superseded_running, state=state, finished_at=finished_at,
+            error_kind=error_kind, error_message=error_message,
+            on_arrival=state is State.SUPERSEDED,
+        )  # fmt: skip
+        if req.subject_key is not None:
+            self._pending_keys.add((req.queue, req.job_type, req.subject_key))
+        if req.depends_on:
+            self._flush_inserts()
+            db.executemany(SQL_INSERT_DEP, [(job_id, dep) for dep in req.depends_on])
+            self._no_dependencies_yet = False
+        cancelled_later = superseded + superseded_running
+        if state is State.SUPERSEDED:
+            cancelled_later.append(job_id)
+        if cancelled_later:
+            self._cancel_dependents(cancelled_later, now)
+        return result
+
+    def _store_row(
+        self,
+        req: EnqueueRequest,
+        payload: bytes,
+        now: int,
+        job_id: str,
+        generation: int | None,
+        *,
+        superseded: list[str],
+        superseded_running: list[str] | None = None,
+        state: State = State.QUEUED,
+        finished_at: int | None = None,
+        error_kind: str | None = None,
+        error_message: str | None = None,
+        on_arrival: bool = False,
+    ) -> EnqueueResult:
+        """Queue the job's row for insertion; the result holds the row as written."""
         run_after = req.schedule_at if req.schedule_at is not None else now
         mode = domain.ExecutionMode(req.execution_mode)
         self._pending_inserts.append(
@@ -851,17 +982,6 @@ class Store:
                 now, run_after, finished_at, error_kind, error_message,
             )
         )  # fmt: skip
-        if req.subject_key is not None:
-            self._pending_keys.add((req.queue, req.job_type, req.subject_key))
-        if req.depends_on:
-            self._flush_inserts()
-            db.executemany(SQL_INSERT_DEP, [(job_id, dep) for dep in req.depends_on])
-            self._no_dependencies_yet = False
-        cancelled_later = superseded + superseded_running
-        if state is State.SUPERSEDED:
-            cancelled_later.append(job_id)
-        if cancelled_later:
-            self._cancel_dependents(cancelled_later, now)
         # The row as just written; reading it back would cost a query per job.
         job = Job(
             id=job_id, state=state, queue=req.queue, job_type=req.job_type,
@@ -879,9 +999,9 @@ class Store:
         )  # fmt: skip
         return EnqueueResult(
             job=job,
-            superseded_on_arrival=state is State.SUPERSEDED,
+            superseded_on_arrival=on_arrival,
             superseded_ids=superseded,
-            superseded_running_ids=superseded_running,
+            superseded_running_ids=superseded_running or [],
         )
 
     def _flush_inserts(self) -> None:

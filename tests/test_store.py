@@ -7,6 +7,8 @@ import os
 import apsw
 import pytest
 from conftest import ALL_MET, snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from semantica import domain
 from semantica.domain import EnqueueRequest, IllegalTransition, Outcome, State, ValidationError
@@ -614,3 +616,64 @@ def test_a_report_for_another_attempt_is_ignored(store, rng):
     assert stale.state is State.RUNNING and stale.attempt == 2
     done = store.finish(job.id, Outcome(result_summary="new"), now=NOW, rng=rng, attempt=2)
     assert done.state is State.DONE and done.result_summary == "new"
+
+
+# ------------------------------------------------------------- a batch is its jobs in order
+
+_batch_request = st.builds(
+    lambda key, gen, queue: EnqueueRequest(
+        job_type="noop", queue=queue, subject_key=key, generation=gen if key else None
+    ),
+    key=st.sampled_from([None, "a", "b", "c"]),
+    gen=st.one_of(st.none(), st.none(), st.integers(0, 6)),
+    queue=st.sampled_from(["default", "other"]),
+)
+
+
+def _outcome_by_position(store: Store, results) -> list[tuple]:
+    """Each job's stored state, generation and error, with job ids replaced by the
+    position of that job in the request list (ids differ between two stores)."""
+    position = {r.job.id: i for i, r in enumerate(results)}
+    rows = []
+    for r in results:
+        job = store.get(r.job.id)
+        message = job.error_message or ""
+        for job_id, i in position.items():
+            message = message.replace(job_id, f"#{i}")
+        rows.append((job.state, job.generation, job.error_kind, message))
+    return rows
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    first=st.lists(_batch_request, max_size=4),
+    batch=st.lists(_batch_request, min_size=2, max_size=12),
+)
+def test_a_batch_stores_what_its_jobs_one_by_one_would(tmp_path_factory, first, batch):
+    """enqueue_batch takes shortcuts for keys it names repeatedly; the outcome must be
+    exactly that of enqueueing the same jobs one at a time, in order."""
+    home = tmp_path_factory.mktemp("batch")
+    one_by_one, batched = Store.open(home / "a.db"), Store.open(home / "b.db")
+    try:
+        for store in (one_by_one, batched):
+            for req in first:
+                store.enqueue(req, now=NOW)
+        singles = [one_by_one.enqueue(req, now=NOW + 1) for req in batch]
+        together = batched.enqueue_batch(batch, now=NOW + 1)
+        assert _outcome_by_position(batched, together) == _outcome_by_position(one_by_one, singles)
+        assert [
+            (sorted(p(r.superseded_ids, together)), r.superseded_on_arrival) for r in together
+        ] == [(sorted(p(r.superseded_ids, singles)), r.superseded_on_arrival) for r in singles]
+        for table in ("subjects", "queues"):
+            assert snapshot(batched)[table] == snapshot(one_by_one)[table]
+    finally:
+        one_by_one.close()
+        batched.close()
+
+
+def p(ids, results):
+    """Ids as positions in this request list, or -1 for jobs enqueued before it."""
+    position = {r.job.id: i for i, r in enumerate(results)}
+    return [position.get(i, -1) for i in ids]

@@ -32,7 +32,10 @@ from semantica.store import StorageUnavailable, Store
 DELETE_BATCH = 200  # jobs per transaction: a few milliseconds each
 SYNC_EVERY_JOBS = 2000  # deleted jobs per fsync, after which their files are removed
 SWEEP_BATCH = 1000  # file names checked against the jobs table per query
-RELEASE_PAGES_STEP = 1024  # free pages handed back per incremental-vacuum step (4 MiB)
+# Free pages handed back per incremental-vacuum step: sized as it goes so that one step
+# holds the event loop for about STEP_TARGET_MS (a 4 MiB step took ~70 ms here).
+RELEASE_PAGES_FIRST, RELEASE_PAGES_MIN, RELEASE_PAGES_MAX = 256, 16, 8192
+STEP_TARGET_MS = 5.0
 FRAGMENTED_FREE_SHARE = 0.10  # vacuum when more than this share of pages is free
 
 
@@ -250,8 +253,11 @@ class Maintenance:
             return "full"
         if not (free and self._needs_vacuum(pages, free, page_size)):
             return "none"
+        step = RELEASE_PAGES_FIRST
         while free > 0:
-            self._on_loop(self.store.release_free_pages, RELEASE_PAGES_STEP)
+            began = time.perf_counter()
+            self._on_loop(self.store.release_free_pages, step)
+            step = _next_step(step, (time.perf_counter() - began) * 1000)
             await trio.sleep(0)
             _pages, free, _size, _inc = self._on_loop(self.store.page_stats)
         return "incremental"
@@ -269,3 +275,13 @@ async def backup(store: Store, dest: Path) -> BackupReport:
     )
     log.event("backup_done", path=report.path, bytes=report.bytes, duration_ms=report.duration_ms)
     return report
+
+
+def _next_step(step: int, took_ms: float) -> int:
+    """The next incremental-vacuum step: halved past twice the target, doubled under
+    half of it, so each step holds the event loop for about STEP_TARGET_MS."""
+    if took_ms > 2 * STEP_TARGET_MS:
+        return max(RELEASE_PAGES_MIN, step // 2)
+    if took_ms < STEP_TARGET_MS / 2:
+        return min(RELEASE_PAGES_MAX, step * 2)
+    return step

@@ -469,3 +469,18 @@ def test_checkpoints_from_two_threads_take_turns(store, home):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_vacuum_steps_are_sized_to_hold_the_loop_a_few_milliseconds():
+    from semantica.maintenance import (
+        RELEASE_PAGES_MAX,
+        RELEASE_PAGES_MIN,
+        STEP_TARGET_MS,
+        _next_step,
+    )
+
+    assert _next_step(256, STEP_TARGET_MS * 3) == 128  # too long: halve
+    assert _next_step(256, STEP_TARGET_MS / 4) == 512  # quick: double
+    assert _next_step(256, STEP_TARGET_MS) == 256  # about right: keep
+    assert _next_step(RELEASE_PAGES_MIN, 1000.0) == RELEASE_PAGES_MIN
+    assert _next_step(RELEASE_PAGES_MAX, 0.0) == RELEASE_PAGES_MAX

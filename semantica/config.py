@@ -60,6 +60,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
         return self.db_path.with_name(self.db_path.name + ".lock")
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def _int(name: str, raw: str, low: int, high: int) -> int:
     try:
         value = int(raw)
@@ -86,6 +89,13 @@ def load(
     the flag was not given. Paths are made absolute; nothing is created here.
     """
     source = dict(os.environ if env is None else env)
+    # The TCP listener binds 127.0.0.1 unless a flag asks otherwise: an address from
+    # the environment (inherited, perhaps unnoticed) would expose the daemon.
+    if source.pop("SEMANTICA_RPC_HOST", "") not in ("", LOOPBACK):
+        raise ConfigError(
+            "SEMANTICA_RPC_HOST is not read from the environment: the TCP listener binds "
+            f"{LOOPBACK} unless you pass --rpc-host ADDRESS to the daemon on purpose"
+        )
     for name, value in (overrides or {}).items():
         if value is not None:
             source[name] = str(value)
@@ -125,7 +135,7 @@ def load(
         workers=_int(
             "SEMANTICA_WORKERS", get("SEMANTICA_WORKERS", str(os.cpu_count() or 1)), 1, 4096
         ),
-        rpc_host=get("SEMANTICA_RPC_HOST", "127.0.0.1"),
+        rpc_host=get("SEMANTICA_RPC_HOST", LOOPBACK),
         retention_days=number("SEMANTICA_RETENTION_DAYS", "7", 0, 36500),
         max_db_size_mb=_int(
             "SEMANTICA_MAX_DB_SIZE_MB", get("SEMANTICA_MAX_DB_SIZE_MB", "1000"), 1, 10**7

@@ -55,7 +55,11 @@ FLAGS = {
     "--runner-max-processes": "SEMANTICA_RUNNER_MAX_PROCESSES",
     "--warm-max-rss-mb": "SEMANTICA_WARM_MAX_RSS_MB",
     "--conditions-file": "SEMANTICA_CONDITIONS_FILE",
+    # SPEC §2's optional tracing settings; read by the OpenTelemetry SDK itself.
+    "--otel-exporter-otlp-endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "--otel-service-name": "OTEL_SERVICE_NAME",
 }
+OTEL_FLAGS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME")
 
 
 JOB_DRAIN_GRACE_S = 10.0  # running jobs get this long to end before they are stopped
@@ -77,6 +81,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     for flag, variable in FLAGS.items():
         parser.add_argument(flag, dest=variable, metavar="VALUE", help=f"overrides ${variable}")
     args = parser.parse_args(argv)
+    for variable in OTEL_FLAGS:  # tracing reads them from the environment
+        if (value := getattr(args, variable)) is not None:
+            os.environ[variable] = value
     try:
         cfg = config_mod.load(overrides={v: getattr(args, v) for v in FLAGS.values()})
     except ConfigError as exc:

@@ -74,13 +74,29 @@ class ConnectionClosed(Exception):
 # --------------------------------------------------------------------------- listeners
 
 
+# macOS and the BSDs: getsockopt(SOL_LOCAL, LOCAL_PEERCRED) fills a struct xucred
+# {u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[16]}, which is
+# what getpeereid() reads. Python has neither name, so both are spelled out here.
+SOL_LOCAL, LOCAL_PEERCRED = 0, 0x001
+XUCRED = struct.Struct("IIh")  # the leading fields; the groups are not needed
+
+
 def peer_uid(sock: Any) -> int | None:
-    """The connecting process's uid over a Unix socket (Linux SO_PEERCRED)."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    """The connecting process's uid over a Unix socket: SO_PEERCRED on Linux, the
+    getpeereid() credentials elsewhere; None if the system tells neither (the caller
+    then refuses the connection: a socket that cannot check its peer stays closed)."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        try:
+            creds = sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, 76)  # sizeof(struct xucred)
+        except OSError:
+            return None
+        if len(creds) >= XUCRED.size:
+            return XUCRED.unpack_from(creds)[1]
+    return None
 
 
 def _check_socket_dir(directory: Path) -> None:
@@ -224,7 +240,10 @@ class Server:
         async with stream:
             if transport == "unix":
                 uid = peer_uid(stream.socket)
-                if uid is not None and uid not in (self._uid, 0):
+                if uid is None:
+                    log.warning("connection_refused", reason="peer uid unknown on this system")
+                    return
+                if uid not in (self._uid, 0):
                     log.warning("connection_refused", reason="foreign uid", peer_uid=uid)
                     return
             conn = Conn(stream, transport, self.limits)

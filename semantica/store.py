@@ -422,6 +422,14 @@ WHERE id = :id AND {_moving(State.QUEUED, State.RUNNING)}
 RETURNING {JOB_COLUMNS}
 """
 
+SQL_SUPERSEDE_INTERRUPTED = f"""
+UPDATE jobs SET state = 'SUPERSEDED', finished_at = :now, error_kind = 'superseded',
+    error_message = 'stopped by a daemon shutdown, and not queued again: '
+                    || 'a newer request for its subject exists'
+WHERE id = :id AND {_moving(State.SUPERSEDED, State.RUNNING)}
+RETURNING {JOB_COLUMNS}
+"""
+
 SQL_NEXT_RUN_AFTER = """
 SELECT min(run_after) FROM jobs INDEXED BY jobs_run_after
 WHERE state = 'QUEUED' AND run_after > created_at AND run_after > :now
@@ -1099,19 +1107,7 @@ class Store:
             job = self._get(job_id)
             if job.is_terminal or (attempt is not None and attempt != job.attempt):
                 return job
-            newer = False
-            if job.subject_key is not None:
-                newer = bool(
-                    self._db.execute(
-                        SQL_NEWER_REQUEST_EXISTS,
-                        {
-                            "queue": job.queue,
-                            "job_type": job.job_type,
-                            "subject_key": job.subject_key,
-                            "generation": job.generation,
-                        },
-                    ).fetchall()[0][0]
-                )
+            newer = self._newer_request_exists(job)
             state, run_after = domain.state_after_attempt(
                 job, outcome, newer_request_exists=newer, now_ms=now, rng=rng
             )
@@ -1148,9 +1144,28 @@ class Store:
             job = self._get(job_id)
             if job.state is not State.RUNNING or job.attempt != attempt:
                 return job
+            if self._newer_request_exists(job):  # SPEC §3 rule 4: never back in line
+                domain.check_transition(job.state, State.SUPERSEDED, job_id)
+                rows = self._db.execute(SQL_SUPERSEDE_INTERRUPTED, {"id": job_id, "now": now})
+                rows = rows.fetchall()
+                self._cancel_dependents([job_id], now)
+                return _row_to_job(rows[0])
             domain.check_transition(job.state, State.QUEUED, job_id)
             rows = self._db.execute(SQL_REQUEUE, {"id": job_id, "now": now}).fetchall()
         return _row_to_job(rows[0])
+
+    def _newer_request_exists(self, job: Job) -> bool:
+        """Whether a newer request for the job's subject exists (a newer generation, or
+        another job of its key waiting): then the job is never queued again."""
+        if job.subject_key is None:
+            return False
+        args = {
+            "queue": job.queue,
+            "job_type": job.job_type,
+            "subject_key": job.subject_key,
+            "generation": job.generation,
+        }
+        return bool(self._db.execute(SQL_NEWER_REQUEST_EXISTS, args).fetchall()[0][0])
 
     def next_due_times(self, *, now: int) -> tuple[int | None, int | None]:
         """(earliest future run_after, earliest future expiry) among QUEUED jobs."""

@@ -677,3 +677,19 @@ def p(ids, results):
     """Ids as positions in this request list, or -1 for jobs enqueued before it."""
     position = {r.job.id: i for i, r in enumerate(results)}
     return [position.get(i, -1) for i in ids]
+
+
+def test_a_job_stopped_by_shutdown_is_requeued_unless_a_newer_request_waits(store):
+    """Draining puts running jobs back in line, but never ahead of, or beside, a newer
+    request for the same subject (SPEC §3 rule 4; the schema allows one QUEUED per key)."""
+    alone = enqueue(store, subject_key="alone").job
+    older = enqueue(store, subject_key="k").job
+    for _ in range(2):
+        claim(store)
+    newer = enqueue(store, subject_key="k").job  # waits while the older one runs
+    dependent = enqueue(store, depends_on=[older.id]).job
+    assert store.requeue(alone.id, now=NOW + 5, attempt=1).state is State.QUEUED
+    ended = store.requeue(older.id, now=NOW + 5, attempt=1)
+    assert ended.state is State.SUPERSEDED and "newer request" in ended.error_message
+    assert store.get(newer.id).state is State.QUEUED
+    assert store.get(dependent.id).state is State.CANCELLED

@@ -228,7 +228,9 @@ class Api:
             retention_days=retention_days,
             max_db_size_mb=max_db_size_mb,
             clock=clock,
-            durable=self.wal_sync.durable,  # shares the group fsync; counted with the others
+            # Shares the group fsync (counted with the others) when there is one; with
+            # synchronous=normal commits are not synced, so maintenance syncs by itself.
+            durable=self.wal_sync.durable if store.needs_sync else None,
         )
         self.request_shutdown = request_shutdown
         self.started_at = clock()
@@ -397,9 +399,9 @@ class Api:
         now = self.clock()
         for result in results:
             job = result.job
-            if job.run_after > now:
+            if job.state is State.QUEUED and job.run_after > now:
                 self.dispatcher.due_at(job.run_after)
-            if job.ttl_ms is not None:
+            if job.state is State.QUEUED and job.ttl_ms is not None:
                 self.dispatcher.due_at(job.created_at + job.ttl_ms)
             for job_id in result.superseded_running_ids:
                 self.dispatcher.stop_job(job_id)

@@ -96,7 +96,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
 
 def _make_private_dir(path: Path, made: list[str]) -> None:
     if not path.exists():
-        path.mkdir(mode=0o700, parents=True)
+        old_umask = os.umask(0o077)  # missing parents too: 0700, never 0755
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)  # a racing daemon made it
+        finally:
+            os.umask(old_umask)
         made.append(f"created {path} (mode 0700)")
     elif path.stat().st_mode & 0o077:
         path.chmod(0o700)

@@ -158,10 +158,15 @@ class Maintenance:
         problem found, not an error of the daemon."""
         try:
             return await trio.to_thread.run_sync(self.store.check_integrity, check)
-        except apsw.Error as exc:
+        except (apsw.CorruptError, apsw.NotADBError) as exc:
             return [
                 f"{check} stopped: {exc} ({type(exc).__name__}); stop the daemon and "
                 "restore the latest backup (README, Operations: Backup and restore)"
+            ]
+        except (apsw.BusyError, apsw.LockedError, apsw.IOError, apsw.CantOpenError) as exc:
+            return [
+                f"{check} could not run: {exc} ({type(exc).__name__}); "
+                "nothing says the database is damaged: check the disk, then try again"
             ]
 
     async def _checkpoint(self) -> None:

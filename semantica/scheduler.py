@@ -175,7 +175,7 @@ class Dispatcher:
             fn(*args)
         except Exception as exc:
             self._failures += 1
-            retry_s = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._failures - 1))
+            retry_s = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(self._failures - 1, 16))
             log.error(
                 "dispatcher_step_failed",
                 error=str(exc) if isinstance(exc, StorageUnavailable) else repr(exc),
@@ -189,14 +189,18 @@ class Dispatcher:
     def step(self, jobs: trio.Nursery) -> None:
         """One look: record what could not be, expire what is overdue, then start ready
         jobs while there is room."""
+        now = self.clock()
+        # Passed times leave the heap first: if a store call below fails, a passed
+        # time left at its head would make the next wait zero (a busy loop).
+        passed = bool(self._due) and self._due[0] <= now
+        while self._due and self._due[0] <= now:
+            heapq.heappop(self._due)
+        if passed:
+            self._look_everywhere = True  # a time passed: any queue may have a ready job
         if not self._caught_up:
             self._catch_up()
         self._record_unrecorded()
-        now = self.clock()
-        if self._due and self._due[0] <= now:
-            self._look_everywhere = True  # a time passed: any queue may have a ready job
-            while self._due and self._due[0] <= now:
-                heapq.heappop(self._due)
+        if passed:
             # Jobs queued before this daemon started are not in the heap: ask the
             # store for the next due time each time one passes (rare, and only then).
             for when in self.store.next_due_times(now=now):
@@ -268,6 +272,7 @@ class Dispatcher:
             self._after_finish(ended)
 
     def _after_finish(self, ended: Job) -> None:
+        self._look_everywhere = True  # its worker slot, and maybe its key, are free now
         if ended.state is State.QUEUED:
             self.due_at(ended.run_after)
         self.on_job_changed(ended)

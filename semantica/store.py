@@ -518,6 +518,26 @@ def _in_batch_supersedes(
     return plan
 
 
+def _as_stored_after(results: list[EnqueueResult], now: int) -> list[EnqueueResult]:
+    """A batch's reply shows each job as the batch left it: one that a later job of the
+    same batch superseded is SUPERSEDED (as `jobs.get.v1` would say), not QUEUED."""
+    batch = {r.job.id for r in results}
+    superseded_by = {old: r.job.id for r in results for old in r.superseded_ids if old in batch}
+    if not superseded_by:
+        return results
+    out = []
+    for r in results:
+        by = superseded_by.get(r.job.id)
+        if by is not None and r.job.state is State.QUEUED:
+            job = msgspec.structs.replace(
+                r.job, state=State.SUPERSEDED, finished_at=now, error_kind="superseded",
+                error_message=f"superseded by a newer request for the same subject: job {by}",
+            )  # fmt: skip
+            r = msgspec.structs.replace(r, job=job)
+        out.append(r)
+    return out
+
+
 def _row_to_job(row: Sequence[Any]) -> Job:
     (
         id_, state, queue, job_type, subject_key, generation, payload, priority, mode,
@@ -736,7 +756,7 @@ class Store:
                     os.close(self._wal_fd)
                 self._wal_fd = os.open(wal, os.O_RDONLY)
                 _fsync_dir(os.path.dirname(os.path.abspath(wal)))  # the WAL's name is durable too
-            os.fdatasync(self._wal_fd)  # as SQLite does: the data, and the size to read it
+            _datasync(self._wal_fd)
         except FileNotFoundError:
             return  # no WAL: nothing committed since the last checkpoint truncated it
         except OSError as exc:
@@ -860,7 +880,7 @@ class Store:
                     count=count,
                 )
             )  # fmt: skip
-        return results
+        return _as_stored_after(results, now)
 
     def _enqueue_planned(
         self,
@@ -1344,7 +1364,7 @@ class Store:
         for column, value in (
             ("state", filters.state.value if filters.state else None),
             ("queue", filters.queue),
-            ("job_type", filters.job_type),
+            ("job_type", filters.job_type.lower() if filters.job_type else None),
             ("user_tag", filters.tag),
             ("chain_group_id", filters.chain),
             ("subject_key", filters.subject),
@@ -1488,6 +1508,11 @@ class Store:
 
     def _writing(self) -> _Transaction:
         return self._tx
+
+
+# As SQLite syncs on Linux: the data and the size needed to read it back, not the
+# inode's times. macOS has no fdatasync.
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 def _fsync_dir(path: str) -> None:

@@ -1625,6 +1625,42 @@ def test_fuzz_every_reply_is_a_json_rpc_response(daemon, fuzz_conn, message, asc
     assert daemon.proc.poll() is None
 
 
+def fuzz_http(daemon: Daemon, body: bytes) -> list[Any]:
+    """The reply to one `POST /` of `body`: [] for 204 (nothing owed), else [reply]."""
+    status, reply = http_post(daemon, body, headers={"Content-Type": "application/json"})
+    if status == 204:
+        assert reply == b"", reply
+        return []
+    assert status == 200, (status, reply)
+    return [json.loads(reply)]
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    message=st.one_of(messages, st.binary(min_size=1, max_size=64)),  # newlines too
+    ascii_only=st.booleans(),
+)
+def test_fuzz_every_http_reply_is_a_json_rpc_response(daemon, message, ascii_only):
+    data = _encode(message, ascii_only)
+    try:
+        replies = fuzz_http(daemon, data)
+    except (http.client.HTTPException, OSError) as exc:
+        raise AssertionError(
+            f"no HTTP reply to {data!r}: {exc!r}; log:\n{daemon.log()[-3000:]}"
+        ) from None
+    check_replies(message, replies)
+    for reply in replies:  # shown by --hypothesis-show-statistics
+        first = reply[0] if isinstance(reply, list) and reply else reply
+        event(f"reply: {first['error']['code'] if 'error' in first else 'result'}")
+    if not replies:
+        event("reply: 204")
+    assert_serving(daemon)
+
+
 def test_fuzz_left_the_daemon_healthy(daemon):
     assert '"request_failed"' not in daemon.log()
     assert_serving(daemon)

@@ -183,3 +183,32 @@ def test_a_database_turned_read_only_refuses_writes_keeps_reads_and_recovers(sma
     finally:
         subprocess.run(["chattr", "-i", str(db), f"{db}-wal"], capture_output=True)
         daemon.stop()
+
+
+def test_a_job_ending_on_a_full_disk_is_recorded_once_space_returns(small_disk):
+    """The outcome the store cannot take is kept and retried with a growing pause:
+    the dispatcher neither spins nor dies meanwhile (a regression: a passed retry time
+    left at the head of its timer heap made every wait zero)."""
+    import time
+
+    home = small_disk / "home"
+    daemon = start_daemon(home)
+    try:
+        with daemon.client() as c:
+            job = c.enqueue(job_type="sleep", payload={"seconds": 0.4})
+            deadline = time.monotonic() + 10
+            while c.get(job.id).state is not State.RUNNING and time.monotonic() < deadline:
+                time.sleep(0.02)
+            filler = small_disk / "filler"
+            fill(filler)
+            time.sleep(0.6)  # the job ends now; recording its end fails
+            before = c.stats().dispatcher_wakeups_total
+            time.sleep(2.0)
+            woke = c.stats().dispatcher_wakeups_total - before
+            assert woke < 10, f"the dispatcher woke {woke} times in 2 s: it spins"
+            assert daemon.proc.poll() is None, "the daemon must not die on a full disk"
+            assert c.get(job.id).state is State.RUNNING  # not recorded yet
+            filler.unlink()
+            assert c.wait(job.id, timeout_ms=20_000).state is State.DONE
+    finally:
+        daemon.stop()

@@ -693,3 +693,9 @@ def test_a_job_stopped_by_shutdown_is_requeued_unless_a_newer_request_waits(stor
     assert ended.state is State.SUPERSEDED and "newer request" in ended.error_message
     assert store.get(newer.id).state is State.QUEUED
     assert store.get(dependent.id).state is State.CANCELLED
+
+
+def test_the_job_type_filter_ignores_case_as_job_types_do(store):
+    job = enqueue(store, job_type="noop").job
+    jobs, _ = store.list(JobFilter(job_type="NOOP"))
+    assert [j.id for j in jobs] == [job.id]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import msgspec
 import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
@@ -214,9 +215,24 @@ class StoreMachine(RuleBasedStateMachine):
             supersede_running=subject is not None and spec.supersede_running,
         )
 
-    def _check_enqueued(self, req: EnqueueRequest, res: EnqueueResult, view: KeyView) -> None:
-        """Check one enqueue's reply against SPEC §3.1 and `view`; move `view` past it."""
+    def _check_enqueued(
+        self,
+        req: EnqueueRequest,
+        res: EnqueueResult,
+        view: KeyView,
+        superseded_later: frozenset[str] = frozenset(),
+    ) -> None:
+        """Check one enqueue's reply against SPEC §3.1 and `view`; move `view` past it.
+
+        A batch's reply shows its jobs as the batch left them: one in
+        `superseded_later` (superseded by a later job of the same batch) is SUPERSEDED.
+        """
         job = res.job
+        if job.id in superseded_later:
+            assert job.state is State.SUPERSEDED and job.finished_at == self.now
+            assert job.error_kind == "superseded" and "newer request" in job.error_message
+            job = msgspec.structs.replace(job, state=State.QUEUED, finished_at=None)
+            res = msgspec.structs.replace(res, job=job)
         assert job.id not in self.acked
         assert job.created_at == self.now
         assert job.run_after == (self.now if req.schedule_at is None else req.schedule_at)
@@ -263,7 +279,9 @@ class StoreMachine(RuleBasedStateMachine):
             assert (gone.state, gone.finished_at) == (State.SUPERSEDED, self.now)
         for res in results:
             stored = self.store.get(res.job.id)
-            if res.job.id not in superseded:  # the reply is the row as stored
+            # The reply is the row as its request left it: a later request of the same
+            # commit (another client's, in the daemon's group commit) may supersede it.
+            if res.job.id not in superseded or res.job.state is State.SUPERSEDED:
                 assert stored == res.job
         return [res.job.id for res in results]
 
@@ -302,8 +320,9 @@ class StoreMachine(RuleBasedStateMachine):
         view = self._view()
         results = self.store.enqueue_batch(reqs, now=self.now)
         assert len(results) == len(reqs)
+        later = _superseded_within(results)
         for req, res in zip(reqs, results, strict=True):
-            self._check_enqueued(req, res, view)
+            self._check_enqueued(req, res, view, later)
         return multiple(*self._acknowledge(view, results))
 
     # ------------------------------------------------------------------ rules
@@ -341,8 +360,9 @@ class StoreMachine(RuleBasedStateMachine):
                 event("group: refused")
                 continue
             assert isinstance(outcome, list), outcome
+            later = _superseded_within(outcome)
             for req, res in zip(reqs, outcome, strict=True):
-                self._check_enqueued(req, res, view)
+                self._check_enqueued(req, res, view, later)
             results += outcome
         return multiple(*self._acknowledge(view, results))
 
@@ -602,3 +622,9 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestStoreStateMachine = StoreMachine.TestCase
+
+
+def _superseded_within(results: list[EnqueueResult]) -> frozenset[str]:
+    """Jobs of one batch that a later job of the same batch superseded."""
+    batch = {r.job.id for r in results}
+    return frozenset(old for r in results for old in r.superseded_ids if old in batch)

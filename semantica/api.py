@@ -122,6 +122,9 @@ class GroupCommitter:
             try:
                 if self.may_have_company():
                     # Shielded: a leader cancelled here would strand the requests it carries.
+                    # Two turns: the handlers runnable now, then those whose requests the
+                    # next poll of the sockets finds, all join this commit.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 self.commit_pending()
             finally:

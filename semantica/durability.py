@@ -1,9 +1,11 @@
 """When writes reach the disk: group fsync before acknowledging, and checkpoints
-kept out of commits. Both do their slow part in a worker thread, so the event loop
-keeps serving while the disk works.
+kept out of commits. Checkpoints run in a worker thread; a group fsync runs on the
+event loop while the disk answers quickly, and in a worker thread when it does not.
 """
 
 from __future__ import annotations
+
+import time
 
 import trio
 
@@ -11,16 +13,20 @@ from semantica import log
 from semantica.store import StorageUnavailable, Store
 
 CHECKPOINT_THRESHOLD_PAGES = 1000  # SQLite's own default for its automatic checkpoint
+INLINE_FSYNC_MAX_S = 0.002  # an fsync quicker than this runs on the event loop
 
 
 class WalSync:
     """Acknowledge only what is on disk, with one fsync for many commits.
 
     Writes commit without an fsync of their own (`Store.open(group_sync=True)`); a
-    handler then awaits `durable()` before replying. One fsync runs at a time, in a
-    worker thread so the event loop keeps reading, committing and grouping while the
-    disk works; when it ends, it covers every commit made before it began, and the
-    next one covers all that arrived meanwhile.
+    handler then awaits `durable()` before replying. One fsync runs at a time and
+    covers every commit made before it began; the next covers all that arrived
+    meanwhile. Before it starts, the loop turns twice so that every request already
+    there commits first. A quick fsync (a fraction of a millisecond here) runs on the
+    event loop: a thread hop would cost the loop more than the wait. Once one takes
+    longer than INLINE_FSYNC_MAX_S, the next go to a worker thread, so the loop keeps
+    reading, committing and grouping while a slow disk works.
     """
 
     def __init__(self, store: Store) -> None:
@@ -30,6 +36,7 @@ class WalSync:
         self._synced = 0
         self._running = False
         self._finished = trio.Event()
+        self._inline = True  # whether the last fsync was quick enough to run on the loop
         self.fsyncs = 0
 
     async def durable(self) -> None:
@@ -42,12 +49,23 @@ class WalSync:
                 await self._finished.wait()
                 continue
             self._running = True
-            covers = self._store.commits
             try:
-                if self.may_have_company():
-                    await trio.to_thread.run_sync(self._store.sync_wal)
-                else:
+                company = self.may_have_company()
+                if company:
+                    # Two turns of the event loop before the fsync: the first lets every
+                    # handler already runnable commit; the second polls the sockets, so
+                    # requests that have just arrived commit too. One fsync covers all.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                covers = self._store.commits
+                began = time.perf_counter()
+                if self._inline or not company:
                     self._store.sync_wal()
+                else:
+                    await trio.to_thread.run_sync(self._store.sync_wal)
+                # A quick fsync is cheaper on the event loop than a thread hop; a slow
+                # disk's goes to a thread, so that reads keep being served meanwhile.
+                self._inline = time.perf_counter() - began < INLINE_FSYNC_MAX_S
                 self._synced = covers
                 self.fsyncs += 1
             finally:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
+import itertools
 import os
 import random
 import re
@@ -221,11 +223,13 @@ ON CONFLICT DO UPDATE SET latest_generation = latest_generation + 1
 RETURNING latest_generation
 """
 
-# n requests of one batch for a key at once: latest + n (the batch takes latest-n+1..latest).
-SQL_ADVANCE_GENERATION = """
-INSERT INTO subjects (queue, job_type, subject_key, latest_generation) VALUES (?, ?, ?, ?)
+# The keys a batch names several times, [[queue, job_type, subject_key, n], ...]: each
+# latest + n at once (the batch takes latest-n+1..latest).
+SQL_ADVANCE_GENERATIONS = """
+INSERT INTO subjects (queue, job_type, subject_key, latest_generation)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1) WHERE true
 ON CONFLICT DO UPDATE SET latest_generation = latest_generation + excluded.latest_generation
-RETURNING latest_generation
+RETURNING queue, job_type, subject_key, latest_generation
 """
 
 # With an explicit generation: remember the highest seen; the caller compares.
@@ -241,6 +245,18 @@ UPDATE jobs SET state = 'SUPERSEDED', finished_at = :now, error_kind = 'supersed
 WHERE {_moving(State.SUPERSEDED, State.QUEUED)}
   AND queue = :queue AND job_type = :job_type AND subject_key = :subject_key
 RETURNING id
+"""
+
+# The older QUEUED job of each key, [[queue, job_type, subject_key, by_job_id], ...].
+SQL_SUPERSEDE_QUEUED_OF_KEYS = f"""
+WITH keys (queue, job_type, subject_key, by_id) AS MATERIALIZED (
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1))
+UPDATE jobs SET state = 'SUPERSEDED', finished_at = ?2, error_kind = 'superseded',
+    error_message = 'superseded by a newer request for the same subject: job ' || keys.by_id
+FROM keys
+WHERE jobs.{_moving(State.SUPERSEDED, State.QUEUED)} AND jobs.queue = keys.queue
+  AND jobs.job_type = keys.job_type AND jobs.subject_key = keys.subject_key
+RETURNING jobs.id, jobs.queue, jobs.job_type, jobs.subject_key
 """
 
 SQL_SUPERSEDE_RUNNING = f"""
@@ -265,6 +281,11 @@ SQL_INSERT_DEP = "INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)"
 SQL_DEP_STATES = "SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
 
 SQL_GET = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+
+SQL_JOBS_BY_SEQ = f"""
+SELECT seq, {JOB_COLUMNS} FROM jobs WHERE seq IN (SELECT value FROM json_each(?))
+ORDER BY seq DESC
+"""
 
 SQL_COUNT_RUNNING = "SELECT count(*) FROM jobs WHERE state = 'RUNNING'"
 
@@ -460,7 +481,10 @@ SELECT min(expires_at) FROM jobs INDEXED BY jobs_expiry
 WHERE state = 'QUEUED' AND expires_at IS NOT NULL AND expires_at > :now
 """
 
-SQL_RUNNING_JOBS = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'RUNNING' ORDER BY seq"
+SQL_RUNNING_JOBS = f"""
+SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_running_by_queue
+WHERE state = 'RUNNING' ORDER BY seq
+"""
 
 SQL_QUEUES = """
 SELECT q.name, q.concurrency, q.paused,
@@ -499,6 +523,10 @@ def _in_batch_supersedes(
     """Keys that a batch names more than once, each time with a server-assigned
     generation (no explicit generation, no supersede_running, no depends_on): for each
     of their requests, (previous index, next index, how many) within the batch."""
+    if any(req.depends_on for req in reqs):
+        # A dependency check inside the batch sees the jobs as each earlier request
+        # left them: keep the one-by-one order for such a batch.
+        return {}
     by_key: dict[tuple[str, str, str], list[int]] = {}
     unsuitable: set[tuple[str, str, str]] = set()
     for i, req in enumerate(reqs):
@@ -864,63 +892,66 @@ class Store:
         ids = [new_job_id(now) for _ in reqs]
         plan = _in_batch_supersedes(reqs)
         generations: dict[tuple[str, str, str], int] = {}  # next generation, per planned key
+        older: dict[tuple[str, str, str], list[str]] = {}  # QUEUED jobs the first supersedes
+        if plan:
+            generations, older = self._advance_planned_keys(reqs, ids, plan, now)
         results = []
         for i, (req, payload) in enumerate(zip(reqs, payloads, strict=True)):
             step = plan.get(i)
             if step is None:
                 results.append(self._enqueue_one(req, payload, now, ids[i]))
                 continue
-            prev, following, count = step
+            prev, following, _count = step
             key = (req.queue, req.job_type, req.subject_key)
-            results.append(
-                self._enqueue_planned(
-                    req, payload, now, ids[i], key, generations,
-                    prev_id=None if prev is None else ids[prev],
-                    next_id=None if following is None else ids[following],
-                    count=count,
+            generation = generations[key]
+            generations[key] = generation + 1
+            superseded = older.get(key, []) if prev is None else [ids[prev]]
+            if following is None:  # the last of its key in the batch: it stays QUEUED
+                result = self._store_row(
+                    req, payload, now, ids[i], generation, superseded=superseded
                 )
-            )  # fmt: skip
+            else:  # a later job of the batch supersedes it: stored SUPERSEDED at once
+                result = self._store_row(
+                    req, payload, now, ids[i], generation, superseded=superseded,
+                    state=State.SUPERSEDED, finished_at=now, error_kind="superseded",
+                    error_message="superseded by a newer request for the same subject: "
+                    f"job {ids[following]}",
+                )  # fmt: skip
+            results.append(result)
         return _as_stored_after(results, now)
 
-    def _enqueue_planned(
+    def _advance_planned_keys(
         self,
-        req: EnqueueRequest,
-        payload: bytes,
+        reqs: Sequence[EnqueueRequest],
+        ids: list[str],
+        plan: dict[int, tuple[int | None, int | None, int]],
         now: int,
-        job_id: str,
-        key: tuple[str, str, str],
-        generations: dict[tuple[str, str, str], int],
-        *,
-        prev_id: str | None,
-        next_id: str | None,
-        count: int,
-    ) -> EnqueueResult:
-        """One of several requests of a batch for one key, all server-numbered: the
-        same rules as one by one, in fewer statements. The first advances the key's
-        generation for all and supersedes its older QUEUED job; each is superseded by
-        the next (stored SUPERSEDED at once); the last stays QUEUED."""
-        superseded: list[str] = []
-        if prev_id is None:
-            if req.queue not in self._known_queues:
-                self._db.execute(SQL_ENSURE_QUEUE, (req.queue, now))
-            latest = self._db.execute(SQL_ADVANCE_GENERATION, (*key, count)).fetchall()[0][0]
-            generations[key] = latest - count + 1
-            args = {"now": now, "by": job_id, "queue": key[0], "job_type": key[1]}
-            args["subject_key"] = key[2]
-            superseded = [r[0] for r in self._db.execute(SQL_SUPERSEDE_OLDER_QUEUED, args)]
-            if superseded:
-                self._cancel_dependents(superseded, now)
-        else:
-            superseded = [prev_id]
-        generation = generations[key]
-        generations[key] = generation + 1
-        if next_id is None:
-            return self._store_row(req, payload, now, job_id, generation, superseded=superseded)
-        return self._store_row(
-            req, payload, now, job_id, generation, superseded=superseded,
-            state=State.SUPERSEDED, finished_at=now, error_kind="superseded",
-            error_message=f"superseded by a newer request for the same subject: job {next_id}",
-        )  # fmt: skip
+    ) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], list[str]]]:
+        """For the keys a batch names several times (see _in_batch_supersedes), in two
+        statements for all of them: advance each key's generation by its count, and
+        supersede its older QUEUED job by the key's first request in the batch (the
+        rules of one-by-one enqueues). Returns each key's first generation in the batch
+        and the jobs superseded per key."""
+        first_of: dict[tuple[str, str, str], tuple[int, int]] = {}  # key -> (index, count)
+        for i, (prev, _following, count) in plan.items():
+            if prev is None:
+                first_of[(reqs[i].queue, reqs[i].job_type, reqs[i].subject_key)] = (i, count)
+        for queue in {key[0] for key in first_of} - self._known_queues:
+            self._db.execute(SQL_ENSURE_QUEUE, (queue, now))
+        counts = _json_encode([[*key, n] for key, (_i, n) in first_of.items()])
+        generations = {}
+        for queue, job_type, subject_key, latest in self._db.execute(
+            SQL_ADVANCE_GENERATIONS, (counts,)
+        ):
+            key = (queue, job_type, subject_key)
+            generations[key] = latest - first_of[key][1] + 1
+        by = _json_encode([[*key, ids[i]] for key, (i, _n) in first_of.items()])
+        older: dict[tuple[str, str, str], list[str]] = {}
+        for job_id, q, t, k in self._db.execute(SQL_SUPERSEDE_QUEUED_OF_KEYS, (by, now)):
+            older.setdefault((q, t, k), []).append(job_id)
+        if older:
+            self._cancel_dependents([j for jobs in older.values() for j in jobs], now)
+        return generations, older
 
     def _enqueue_one(
         self, req: EnqueueRequest, payload: bytes, now: int, job_id: str
@@ -1378,14 +1409,33 @@ class Store:
                 raise ValidationError("cursor", "is not a cursor this server returned")
             where.append("seq < ?")
             args.append(int(cursor))
-        sql = f"SELECT seq, {JOB_COLUMNS} FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
+        if filters.state is not None and not any(
+            (filters.queue, filters.tag, filters.chain, filters.subject, filters.parent)
+        ):
+            rows = self._list_state(where, args, limit + 1)
+        else:
+            sql = f"SELECT seq, {JOB_COLUMNS} FROM jobs"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY seq DESC LIMIT ?"
+            rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
         jobs = [_row_to_job(row[1:]) for row in rows[:limit]]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return jobs, next_cursor
+
+    def _list_state(self, where: list[str], args: list[Any], limit: int) -> list[Any]:
+        """Newest first, jobs in one state (and other non-indexed filters): the newest
+        `limit` of each queue from jobs_queue_state (queue, state, seq), merged. An
+        index on (state, seq) would do it in one walk, but every commit would pay for
+        it with one more page in the WAL."""
+        sql = (
+            "SELECT seq FROM jobs INDEXED BY jobs_queue_state "
+            f"WHERE queue = ? AND {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        )
+        queues = [row[0] for row in self._db.execute("SELECT name FROM queues")]
+        per_queue = [[row[0] for row in self._db.execute(sql, (q, *args, limit))] for q in queues]
+        newest = list(itertools.islice(heapq.merge(*per_queue, reverse=True), limit))
+        return self._db.execute(SQL_JOBS_BY_SEQ, (_json_encode(newest),)).fetchall()
 
     def check_integrity(self, check: str = "quick_check") -> list[str]:
         """Run PRAGMA quick_check or integrity_check; return the problems (empty: healthy).

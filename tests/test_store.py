@@ -699,3 +699,27 @@ def test_the_job_type_filter_ignores_case_as_job_types_do(store):
     job = enqueue(store, job_type="noop").job
     jobs, _ = store.list(JobFilter(job_type="NOOP"))
     assert [j.id for j in jobs] == [job.id]
+
+
+def test_listing_by_state_merges_the_queues_newest_first_and_pages(store):
+    jobs = []
+    for i in range(12):
+        queue = ("a", "b", "c")[i % 3] if i % 4 else "b"
+        jobs.append(enqueue(store, queue=queue, now=NOW + i, job_type="noop").job)
+    for job in jobs[::5]:  # some leave QUEUED
+        store.cancel(job_id=job.id, now=NOW + 20)
+    expected = [j.id for j in reversed(jobs) if store.get(j.id).state is State.QUEUED]
+    seen, cursor = [], None
+    while True:
+        page, cursor = store.list(JobFilter(state=State.QUEUED), limit=2, cursor=cursor)
+        assert len(page) <= 2
+        seen += [j.id for j in page]
+        if cursor is None:
+            break
+    assert seen == expected
+    plan = store.connection.execute(
+        "EXPLAIN QUERY PLAN SELECT seq FROM jobs INDEXED BY jobs_queue_state "
+        "WHERE queue = ? AND state = ? ORDER BY seq DESC LIMIT ?",
+        ("a", "QUEUED", 3),
+    ).fetchall()
+    assert not any("TEMP B-TREE" in row[-1] for row in plan), plan

@@ -1,0 +1,1 @@
+CREATE INDEX jobs_state_seq ON jobs (state, seq);

@@ -29,7 +29,9 @@ from semantica import log
 from semantica.protocol import BackupReport, MaintenanceReport
 from semantica.store import StorageUnavailable, Store
 
-DELETE_BATCH = 200  # jobs per transaction: a few milliseconds each
+# Jobs deleted per transaction: sized as it goes (like the vacuum steps below), as
+# the pages of old jobs may be cold: 200 of them took up to ~70 ms here.
+DELETE_BATCH, DELETE_BATCH_MIN, DELETE_BATCH_MAX = 200, 10, 2000
 SYNC_EVERY_JOBS = 2000  # deleted jobs per fsync, after which their files are removed
 SWEEP_BATCH = 1000  # file names checked against the jobs table per query
 # Free pages handed back per incremental-vacuum step: sized as it goes so that one step
@@ -193,8 +195,14 @@ class Maintenance:
         cutoff = self.clock() - self.retention_ms
         deleted = files = 0
         gone: list[str] = []  # deleted, but their files are still there
-        while ids := self._on_loop(self.store.finished_before, cutoff, DELETE_BATCH):
+        batch = DELETE_BATCH
+        while True:
+            began = time.perf_counter()
+            if not (ids := self._on_loop(self.store.finished_before, cutoff, batch)):
+                break
             count = self._on_loop(self.store.delete_jobs, ids)
+            took = (time.perf_counter() - began) * 1000
+            batch = _next_step(batch, took, DELETE_BATCH_MIN, DELETE_BATCH_MAX)
             if count != len(
                 ids
             ):  # not today (found and deleted in one tick): keep kept jobs' files
@@ -262,7 +270,8 @@ class Maintenance:
         while free > 0:
             began = time.perf_counter()
             self._on_loop(self.store.release_free_pages, step)
-            step = _next_step(step, (time.perf_counter() - began) * 1000)
+            took = (time.perf_counter() - began) * 1000
+            step = _next_step(step, took, RELEASE_PAGES_MIN, RELEASE_PAGES_MAX)
             await trio.sleep(0)
             _pages, free, _size, _inc = self._on_loop(self.store.page_stats)
         return "incremental"
@@ -282,11 +291,12 @@ async def backup(store: Store, dest: Path) -> BackupReport:
     return report
 
 
-def _next_step(step: int, took_ms: float) -> int:
-    """The next incremental-vacuum step: halved past twice the target, doubled under
-    half of it, so each step holds the event loop for about STEP_TARGET_MS."""
+def _next_step(step: int, took_ms: float, low: int, high: int) -> int:
+    """The size of the next step (jobs deleted, pages released): halved past twice the
+    target, doubled under half of it, so that each step holds the event loop for about
+    STEP_TARGET_MS, within low..high."""
     if took_ms > 2 * STEP_TARGET_MS:
-        return max(RELEASE_PAGES_MIN, step // 2)
+        return max(low, step // 2)
     if took_ms < STEP_TARGET_MS / 2:
-        return min(RELEASE_PAGES_MAX, step * 2)
+        return min(high, step * 2)
     return step

@@ -162,6 +162,7 @@ async def test_maintenance_leaves_the_wal_empty(store, home):
 
 async def test_files_of_deleted_jobs_go_only_once_the_deletion_is_durable(store, home, monkeypatch):
     monkeypatch.setattr(maintenance, "DELETE_BATCH", 2)
+    monkeypatch.setattr(maintenance, "DELETE_BATCH_MAX", 2)
     monkeypatch.setattr(maintenance, "SYNC_EVERY_JOBS", 2)
     ids = [finished_job(store, home, at=T0 + i) for i in range(5)]
     durable_rows: set[str] = set()  # rows whose deletion had been made durable
@@ -471,16 +472,11 @@ def test_checkpoints_from_two_threads_take_turns(store, home):
     assert errors == []
 
 
-def test_vacuum_steps_are_sized_to_hold_the_loop_a_few_milliseconds():
-    from semantica.maintenance import (
-        RELEASE_PAGES_MAX,
-        RELEASE_PAGES_MIN,
-        STEP_TARGET_MS,
-        _next_step,
-    )
+def test_steps_are_sized_to_hold_the_loop_a_few_milliseconds():
+    from semantica.maintenance import STEP_TARGET_MS, _next_step
 
-    assert _next_step(256, STEP_TARGET_MS * 3) == 128  # too long: halve
-    assert _next_step(256, STEP_TARGET_MS / 4) == 512  # quick: double
-    assert _next_step(256, STEP_TARGET_MS) == 256  # about right: keep
-    assert _next_step(RELEASE_PAGES_MIN, 1000.0) == RELEASE_PAGES_MIN
-    assert _next_step(RELEASE_PAGES_MAX, 0.0) == RELEASE_PAGES_MAX
+    assert _next_step(256, STEP_TARGET_MS * 3, 16, 8192) == 128  # too long: halve
+    assert _next_step(256, STEP_TARGET_MS / 4, 16, 8192) == 512  # quick: double
+    assert _next_step(256, STEP_TARGET_MS, 16, 8192) == 256  # about right: keep
+    assert _next_step(16, 1000.0, 16, 8192) == 16  # never below the floor
+    assert _next_step(8192, 0.0, 16, 8192) == 8192  # nor above the ceiling

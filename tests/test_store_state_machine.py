@@ -34,6 +34,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from semantica import domain
 from semantica.domain import (
     TERMINAL_STATES,
     EnqueueRequest,
@@ -43,7 +44,14 @@ from semantica.domain import (
     State,
     ValidationError,
 )
-from semantica.store import LIST_LIMIT_MAX, Conditions, EnqueueGroup, EnqueueResult, Store
+from semantica.store import (
+    LIST_LIMIT_MAX,
+    Conditions,
+    EnqueueGroup,
+    EnqueueResult,
+    JobFilter,
+    Store,
+)
 
 Key = tuple[str, str, str | None]  # (queue, job_type, subject_key)
 
@@ -412,11 +420,32 @@ class StoreMachine(RuleBasedStateMachine):
             if self._claim_one() is None:
                 return
 
+    def _waiting_reasons(self) -> dict[str, str]:
+        """What jobs.get.v1 would say of each QUEUED job now (one past its ttl is left
+        out: it is about to become EXPIRED, which the dispatcher does at that moment)."""
+        queued, _ = self.store.list(JobFilter(state=State.QUEUED), limit=LIST_LIMIT_MAX)
+        reasons = {}
+        for job in queued:
+            expired = job.ttl_ms is not None and job.created_at + job.ttl_ms <= self.now
+            if job.attempt == 0 and expired:
+                continue
+            facts = self.store.wait_facts(job, now=self.now, global_limit=GLOBAL_LIMIT)
+            reasons[job.id] = domain.waiting_reason(job, facts, self.now)
+        return reasons
+
     def _claim_one(self) -> Job | None:
         expected = self._expected_claim()
         running_keys_before = self._running_keys()
+        reasons = self._waiting_reasons()
         job = self.store.claim_next_job(now=self.now, global_limit=GLOBAL_LIMIT, conditions=ALL_MET)
         assert (job.id if job else None) == expected
+        # The waiting reason and the claim judge readiness alike (issue 5: never stale):
+        # the job claimed was "ready", and when none is claimed, none is "ready".
+        if job is not None:
+            assert reasons[job.id].startswith("ready:"), reasons[job.id]
+        else:
+            ready = {i: r for i, r in reasons.items() if r.startswith("ready:")}
+            assert not ready, ready
         if job is None:
             full = len(self._running_ids()) >= GLOBAL_LIMIT
             event("claim: global limit reached" if full else "claim: nothing ready")

@@ -70,6 +70,11 @@ class Session:
             )
         except config_mod.ConfigError as exc:
             raise UsageProblem(str(exc)) from None
+        if self.config.home.exists() and not self.config.home.is_dir():
+            raise UsageProblem(
+                f"{self.config.home} is not a directory: point --home (or SEMANTICA_HOME) "
+                "at the daemon's data directory"
+            )
         self._client: Client | None = None
 
     @property

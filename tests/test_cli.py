@@ -373,3 +373,12 @@ def test_backup_for_people_says_where_and_how_big(home, tmp_path):
     said = ok(home, "backup", str(copy)).strip()
     assert re.fullmatch(rf"backed up to {re.escape(str(copy))} \(\d+\.\d MiB\) in \d+ ms", said)
     assert copy.stat().st_size > 0
+
+
+def test_a_home_that_is_not_a_directory_is_a_usage_error(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    for args in (("list",), ("list", "--json")):
+        done = cli(not_a_dir, *args)
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "is not a directory" in done.stderr and "Traceback" not in done.stderr

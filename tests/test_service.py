@@ -294,3 +294,48 @@ def test_install_carries_the_tracing_variables_and_no_other(tmp_path):
     assert "AWS_SECRET" not in system and "OTEL_RESOURCE_ATTRIBUTES" not in system
     plist = plistlib.loads(service.render_plist("/bin/true", env, tmp_path).encode())
     assert plist["EnvironmentVariables"]["OTEL_SERVICE_NAME"] == "semantica-dev"
+
+
+# What a job and the daemon need from the kernel under the system unit's filter: fork
+# and exec for jobs, setrlimit (glibc calls prlimit64) for each runner's own limits,
+# a new session per runner, the parent watch (pidfd), and stopping process groups.
+NEEDED_SYSCALLS = (
+    "fork", "vfork", "clone", "clone3", "execve", "setrlimit", "prlimit64", "setsid",
+    "prctl", "pidfd_open", "kill", "wait4", "umask", "chdir", "socket", "bind",
+)  # fmt: skip
+
+
+def _syscalls(analyzer_path: str, group: str, seen: set[str] | None = None) -> set[str]:
+    """Every syscall of a systemd syscall-filter group, nested groups expanded."""
+    seen = set() if seen is None else seen
+    if group in seen:
+        return set()
+    seen.add(group)
+    listing = subprocess.run(
+        [analyzer_path, "syscall-filter", group], capture_output=True, text=True, check=True
+    ).stdout
+    names: set[str] = set()
+    for line in listing.splitlines()[1:]:
+        word = line.strip()
+        if not word or word.startswith("#"):
+            continue
+        names |= _syscalls(analyzer_path, word, seen) if word.startswith("@") else {word}
+    return names
+
+
+def test_the_system_units_syscall_filter_lets_jobs_run_and_limit_themselves():
+    """As far as this machine can show without running the unit under systemd (it is
+    not PID 1 here): every syscall jobs and runners need is allowed by the filter."""
+    tool = analyzer()
+    unit = service.render_system_unit("/bin/true", {})
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for line in unit.splitlines():
+        if not line.startswith("SystemCallFilter="):
+            continue
+        value = line.split("=", 1)[1]
+        target = denied if value.startswith("~") else allowed
+        for item in value.lstrip("~").split():
+            target |= _syscalls(tool, item) if item.startswith("@") else {item}
+    missing = [s for s in NEEDED_SYSCALLS if s not in allowed or s in denied]
+    assert not missing, f"the system unit's SystemCallFilter blocks {missing}"

@@ -296,7 +296,7 @@ def _next_step(step: int, took_ms: float, low: int, high: int) -> int:
     target, doubled under half of it, so that each step holds the event loop for about
     STEP_TARGET_MS, within low..high."""
     if took_ms > 2 * STEP_TARGET_MS:
-        return max(low, step // 2)
-    if took_ms < STEP_TARGET_MS / 2:
-        return min(high, step * 2)
-    return step
+        step //= 2
+    elif took_ms < STEP_TARGET_MS / 2:
+        step *= 2
+    return min(high, max(low, step))

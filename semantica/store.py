@@ -892,7 +892,8 @@ class Store:
         ids = [new_job_id(now) for _ in reqs]
         plan = _in_batch_supersedes(reqs)
         generations: dict[tuple[str, str, str], int] = {}  # next generation, per planned key
-        older: dict[tuple[str, str, str], list[str]] = {}  # QUEUED jobs the first supersedes
+        # The QUEUED jobs each key's first request supersedes (None: found in the loop).
+        older: dict[tuple[str, str, str], list[str]] | None = {}
         if plan:
             generations, older = self._advance_planned_keys(reqs, ids, plan, now)
         results = []
@@ -905,7 +906,12 @@ class Store:
             key = (req.queue, req.job_type, req.subject_key)
             generation = generations[key]
             generations[key] = generation + 1
-            superseded = older.get(key, []) if prev is None else [ids[prev]]
+            if prev is not None:
+                superseded = [ids[prev]]
+            elif older is not None:
+                superseded = older.get(key, [])
+            else:
+                superseded = self._supersede_older_queued(key, ids[i], now)
             if following is None:  # the last of its key in the batch: it stays QUEUED
                 result = self._store_row(
                     req, payload, now, ids[i], generation, superseded=superseded
@@ -926,7 +932,7 @@ class Store:
         ids: list[str],
         plan: dict[int, tuple[int | None, int | None, int]],
         now: int,
-    ) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], list[str]]]:
+    ) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], list[str]] | None]:
         """For the keys a batch names several times (see _in_batch_supersedes), in two
         statements for all of them: advance each key's generation by its count, and
         supersede its older QUEUED job by the key's first request in the batch (the
@@ -945,13 +951,29 @@ class Store:
         ):
             key = (queue, job_type, subject_key)
             generations[key] = latest - first_of[key][1] + 1
+        if self._dependencies_exist():
+            # Superseding a job cancels its dependents, which may reach jobs that the
+            # batch's earlier requests supersede: keep each key's supersede at its first
+            # request's place, as one by one (the loop does it: `older` is None).
+            return generations, None
         by = _json_encode([[*key, ids[i]] for key, (i, _n) in first_of.items()])
         older: dict[tuple[str, str, str], list[str]] = {}
         for job_id, q, t, k in self._db.execute(SQL_SUPERSEDE_QUEUED_OF_KEYS, (by, now)):
             older.setdefault((q, t, k), []).append(job_id)
-        if older:
-            self._cancel_dependents([j for jobs in older.values() for j in jobs], now)
         return generations, older
+
+    def _supersede_older_queued(self, key: tuple[str, str, str], by: str, now: int) -> list[str]:
+        """Supersede the key's QUEUED job (by job `by`) and cancel what depends on it."""
+        args = {"now": now, "by": by, "queue": key[0], "job_type": key[1], "subject_key": key[2]}
+        superseded = [r[0] for r in self._db.execute(SQL_SUPERSEDE_OLDER_QUEUED, args)]
+        if superseded:
+            self._cancel_dependents(superseded, now)
+        return superseded
+
+    def _dependencies_exist(self) -> bool:
+        if self._no_dependencies_yet is None:  # once per enqueue transaction
+            self._no_dependencies_yet = not self._db.execute(SQL_ANY_DEPENDENCY).fetchall()[0][0]
+        return not self._no_dependencies_yet
 
     def _enqueue_one(
         self, req: EnqueueRequest, payload: bytes, now: int, job_id: str
@@ -1303,9 +1325,7 @@ class Store:
         )
 
     def _cancel_dependents(self, ids: list[str], now: int) -> list[str]:
-        if self._no_dependencies_yet is None:  # once per enqueue transaction
-            self._no_dependencies_yet = not self._db.execute(SQL_ANY_DEPENDENCY).fetchall()[0][0]
-        if self._no_dependencies_yet:
+        if not self._dependencies_exist():
             return []
         encoded = _json_encode(ids)
         # The recursive update is costly to plan and run; most jobs have no dependents.

@@ -162,6 +162,7 @@ async def test_maintenance_leaves_the_wal_empty(store, home):
 
 async def test_files_of_deleted_jobs_go_only_once_the_deletion_is_durable(store, home, monkeypatch):
     monkeypatch.setattr(maintenance, "DELETE_BATCH", 2)
+    monkeypatch.setattr(maintenance, "DELETE_BATCH_MIN", 2)
     monkeypatch.setattr(maintenance, "DELETE_BATCH_MAX", 2)
     monkeypatch.setattr(maintenance, "SYNC_EVERY_JOBS", 2)
     ids = [finished_job(store, home, at=T0 + i) for i in range(5)]
@@ -480,3 +481,4 @@ def test_steps_are_sized_to_hold_the_loop_a_few_milliseconds():
     assert _next_step(256, STEP_TARGET_MS, 16, 8192) == 256  # about right: keep
     assert _next_step(16, 1000.0, 16, 8192) == 16  # never below the floor
     assert _next_step(8192, 0.0, 16, 8192) == 8192  # nor above the ceiling
+    assert _next_step(2, 1000.0, 10, 2) == 2  # a ceiling below the floor wins

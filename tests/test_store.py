@@ -723,3 +723,17 @@ def test_listing_by_state_merges_the_queues_newest_first_and_pages(store):
         ("a", "QUEUED", 3),
     ).fetchall()
     assert not any("TEMP B-TREE" in row[-1] for row in plan), plan
+
+
+def test_a_batch_supersedes_in_request_order_when_dependents_cascade(store):
+    """Superseding a job cancels its dependents; a batch must do it in the order its
+    requests come, as one-by-one enqueues would: here the batch's first request
+    supersedes Y before the repeated key K1 supersedes X (whose dependent Y is)."""
+    x = enqueue(store, subject_key="K1").job
+    y = enqueue(store, subject_key="K2", depends_on=[x.id]).job
+    batch = [EnqueueRequest(job_type="noop", subject_key=k) for k in ("K2", "K1", "K1")]
+    results = store.enqueue_batch(batch, now=NOW + 1)
+    assert results[0].superseded_ids == [y.id]
+    assert store.get(y.id).state is State.SUPERSEDED  # not CANCELLED by the cascade
+    assert store.get(x.id).state is State.SUPERSEDED
+    assert [r.job.state for r in results] == [State.QUEUED, State.SUPERSEDED, State.QUEUED]

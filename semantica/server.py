@@ -33,6 +33,7 @@ from semantica import protocol as p
 from semantica.api import Api, rpc_error_for
 
 READ_CHUNK = 65536
+CLOSE_DRAIN_S = 0.1  # how long a refused or evicted client may still be sending
 HTTP_HEADER_LIMIT = 64 * 1024
 
 
@@ -321,11 +322,18 @@ class Server:
         return True
 
     async def _send_quietly(self, stream: trio.SocketStream, data: bytes) -> None:
+        """Send a last word, then close gently: half-close and, briefly, read what the
+        client may still be sending. Closing a socket with unread input makes the
+        kernel reset the connection, and the client would lose the answer just sent."""
         with (
             trio.move_on_after(1),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
         ):
             await stream.send_all(data)
+            await stream.send_eof()
+            with trio.move_on_after(CLOSE_DRAIN_S):
+                while await stream.receive_some(READ_CHUNK):
+                    pass
 
     async def _receive(self, conn: Conn, deadline: float) -> bytes:
         """Next bytes from the client, or ConnectionClosed at EOF.

@@ -109,6 +109,11 @@ def load(
     for name in filter(None, (n.strip() for n in get("SEMANTICA_ENV_ALLOWLIST", "").split(","))):
         if not ENV_NAME_PATTERN.fullmatch(name):
             raise ConfigError(f"SEMANTICA_ENV_ALLOWLIST: {name!r} is not a variable name")
+        if name.startswith("SEMANTICA_"):  # the runners' own set-up: never a job's to set
+            raise ConfigError(
+                f"SEMANTICA_ENV_ALLOWLIST: {name} is reserved for Semantica's runners; "
+                "a job may not set SEMANTICA_* variables"
+            )
         allowlist.add(name)
 
     def number(name: str, default: str, low: float, high: float) -> float:

@@ -434,7 +434,9 @@ def kill_orphaned_runner(pid: int, start_time: float | None) -> list[int]:
     """
     if start_time:
         now_started = process_start_time(pid)
-        if now_started is not None and abs(now_started - start_time) > START_TIME_SLACK_S:
+        # Only later: a reused PID belongs to a process started after the runner. (An
+        # earlier reading is the runner itself, seen through a wall clock stepped back.)
+        if now_started is not None and now_started > start_time + START_TIME_SLACK_S:
             return []
     members = group_members(pid, started_after=start_time)
     if not members:
@@ -584,7 +586,7 @@ class WarmPool:
             deadline_hit = deadline.cancelled_caught
             if result is not None and not deadline_hit:
                 worker.jobs_done += 1
-                reusable = self._still_fit(worker)
+                reusable = not result.worker_exits and self._still_fit(worker)
         finally:
             if reusable:
                 self.idle.append(worker)

@@ -104,6 +104,9 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     error_message: str | None = None
     permanent: bool = False
     retry_after_ms: int | None = None
+    # A WARM worker that got SIGTERM during the job exits after sending this: the
+    # daemon must not hand it another job (the signal may not have come from it).
+    worker_exits: bool = False
 
 
 RunnerMessage = Progress | Result  # NDJSON lines on RESULT_FD, tagged by "type"

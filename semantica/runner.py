@@ -155,6 +155,8 @@ def run_job(spec: RunSpec, result_fd: int) -> bool:
     _install_sigterm_handler(flag)
     result = _run(spec, channel, flag)
     _flush_std_streams()
+    if flag.requested:
+        result = msgspec.structs.replace(result, worker_exits=True)
     channel.send(result)
     return flag.requested
 

@@ -66,6 +66,7 @@ def test_otel_flags_reach_the_environment_tracing_reads(monkeypatch, tmp_path):
         ("SEMANTICA_LOG_FORMAT", "xml", "not one of"),
         ("SEMANTICA_RETENTION_DAYS", "soon", "not a number"),
         ("SEMANTICA_ENV_ALLOWLIST", "OK,not a name", "not a variable name"),
+        ("SEMANTICA_ENV_ALLOWLIST", "OK,SEMANTICA_PLUGIN_PATH", "reserved"),
     ],
 )
 def test_a_bad_setting_names_the_variable_and_what_is_allowed(variable, value, words):

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from harness import remove_home, start_daemon
 
-from semantica.domain import State
+from semantica.domain import Job, State
 
 MAX_JOBS = 3
 
@@ -151,6 +151,32 @@ def test_a_worker_past_its_memory_ceiling_is_not_reused():
         with d.client() as c:
             pids = [pid_of_worker(c) for _ in range(3)]
         assert len(set(pids)) == 3
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_a_worker_signalled_by_its_own_job_is_not_given_the_next_one():
+    """A job may SIGTERM its worker (`kill -TERM $PPID`, a shell's `trap 'kill 0'`):
+    the worker finishes that job, says it is leaving, and the daemon does not hand it
+    another job (which would fail with 'exited without a result')."""
+    d = start_daemon(SEMANTICA_WORKERS="1")
+    try:
+        with d.client() as c:
+
+            def run(job_type: str, payload: dict) -> Job:
+                job = c.enqueue(
+                    job_type=job_type, execution_mode="WARM", payload=payload, max_attempts=1
+                )
+                return c.wait(job.id, timeout_ms=20_000)
+
+            first = run("python", {"callable": "os:getpid"})
+            signaller = run("shell", {"argv": ["sh", "-c", "kill -TERM $PPID; sleep 0.2"]})
+            after = run("python", {"callable": "os:getpid"})
+        assert first.state is State.DONE
+        assert signaller.state in (State.DONE, State.FAILED)  # its own business
+        assert after.state is State.DONE, (after.error_kind, after.error_message)
+        assert after.result_summary != first.result_summary  # a new worker ran it
     finally:
         d.stop()
         remove_home(d.home)

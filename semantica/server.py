@@ -174,6 +174,7 @@ class Conn:
         self.transport = transport
         self.needs_auth = transport == "tcp"
         self.authenticated = False
+        self.responding = False  # an HTTP response is being written
         self.bucket = TokenBucket(limits.rate_per_s, limits.rate_burst, time.monotonic())
         self.idle_since: float | None = time.monotonic()
         self.scope = trio.CancelScope()
@@ -274,17 +275,18 @@ class Server:
                 )
             finally:
                 self.conns.discard(conn)
-            if conn.evicted and not conn.is_http:  # HTTP clients expect idle closes
-                await self._send_quietly(
-                    stream,
-                    p.encode(
-                        p.error_response(
-                            None,
-                            p.RpcError(p.RATE_LIMITED, "closed to make room for another client"),
-                        )
+            if conn.evicted:
+                body = p.encode(
+                    p.error_response(
+                        None, p.RpcError(p.RATE_LIMITED, "closed to make room for another client")
                     )
-                    + b"\n",
                 )
+                if not conn.is_http:
+                    await self._send_quietly(stream, body + b"\n")
+                elif conn.idle_since is None and not conn.responding:
+                    # Its request came in as it was chosen to make room: say so, in HTTP.
+                    # (An HTTP client expects an idle keep-alive connection to close.)
+                    await self._send_quietly(stream, _http_503(body))
 
     async def _refuse_over_cap(self, conn: Conn) -> None:
         """Say 'too many connections' in the framing the client speaks (a second at most)."""
@@ -298,16 +300,7 @@ class Server:
         with trio.move_on_after(1), contextlib.suppress(ConnectionClosed, OSError):
             first = await self._receive(conn, trio.current_time() + 1)
         body = p.encode(p.error_response(None, err))
-        if first[:1].isalpha():
-            data = (
-                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                b"connection: close\r\nretry-after: 1\r\ncontent-length: "
-                + str(len(body)).encode()
-                + b"\r\n\r\n"
-                + body
-            )
-        else:
-            data = body + b"\n"
+        data = _http_503(body) if first[:1].isalpha() else body + b"\n"
         await self._send_quietly(conn.stream, data)
 
     def _evict_idle(self) -> bool:
@@ -429,6 +422,7 @@ class Server:
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE or self._draining:
                 return
             h.start_next_cycle()
+            conn.responding = False
             conn.idle_since = time.monotonic()
 
     async def _next_http_event(self, conn: Conn, h: h11.Connection, started: float | None) -> Any:
@@ -466,6 +460,7 @@ class Server:
     async def _answer_http(
         self, conn: Conn, h: h11.Connection, request: h11.Request, started: float
     ) -> None:
+        _refuse_if_evicted(conn)
         headers = {k.lower(): v for k, v in request.headers}
         path = request.target.split(b"?")[0]
         if path not in (b"/", b"/metrics"):
@@ -570,12 +565,14 @@ class Server:
         if body:
             data += h.send(h11.Data(data=body))
         data += h.send(h11.EndOfMessage())
+        conn.responding = True  # from here on an eviction must not add a response
         await conn.stream.send_all(data)
 
     # ----------------------------------------------------------------- JSON-RPC
 
     async def process(self, message: bytes, conn: Conn) -> bytes | None:
         """Answer one message (a request or a batch); None when nothing is owed."""
+        _refuse_if_evicted(conn)
         decoded = p.decode_message(message)
         if isinstance(decoded, p.Call):
             if not conn.bucket.take(1, time.monotonic()):
@@ -638,6 +635,26 @@ class Server:
             return p.result_response(call.id, p.Authenticated(authenticated=True))
         log.warning("unauthorized_request", transport=conn.transport)
         return p.error_response(call.id, self._unauthorized())
+
+
+def _refuse_if_evicted(conn: Conn) -> None:
+    """A connection picked as idle to make room, just as its request came in: do not
+    serve that request (the cancellation is already on its way); the client is told
+    why instead, when the connection ends."""
+    if conn.evicted:
+        raise ConnectionClosed("closed to make room for another client")
+
+
+def _http_503(body: bytes) -> bytes:
+    """A complete 'come back shortly' HTTP response, written without h11: the
+    connection's HTTP state is unknown or gone when it is sent."""
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\nretry-after: 1\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 def raise_fd_limit() -> None:

@@ -369,18 +369,17 @@ def list_jobs(
     with reading(as_json) as source:
         if state is not None and state.upper() not in State.__members__:
             raise UsageProblem(f"--state {state!r}: use one of {', '.join(State.__members__)}")
-        query = {
-            "state": state.upper() if state else None,
-            "queue": queue,
-            "job_type": job_type,
-            "tag": tag,
-            "chain": chain,
-            "subject": subject,
-            "parent": parent,
-            "limit": limit,
-            "cursor": cursor,
-        }
-        page = source.list(**query)
+        page = source.list(
+            state=state.upper() if state else None,
+            queue=queue,
+            job_type=job_type,
+            tag=tag,
+            chain=chain,
+            subject=subject,
+            parent=parent,
+            limit=limit,
+            cursor=cursor,
+        )
         if as_json:
             emit(page, True)
         elif not page.jobs:

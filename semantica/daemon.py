@@ -107,34 +107,32 @@ def _make_private_dir(path: Path, made: list[str]) -> None:
         made.append(f"tightened {path} to mode 0700 (it was open to others)")
 
 
-def init_home(cfg: Config, lock: DaemonLock | None = None) -> list[str]:
+def init_home(cfg: Config, lock: DaemonLock, *, keep_lock: bool = False) -> list[str]:
     """Create the data directory, logs directory and database; say what was made.
 
-    The database is opened (and migrated) only under the daemon lock, so a second
-    daemon, even a newer one, never touches a database another daemon owns. Pass the
-    lock already held, or None to take it for the set-up only (`--init`).
+    The database is opened (and migrated) only once `lock` is taken, so a second
+    daemon, even a newer one, never touches a database another daemon owns. The lock
+    is released again unless `keep_lock` (the daemon keeps it while it runs).
     """
     made: list[str] = []
-    old_umask = os.umask(0o077)
+    _make_private_dir(cfg.home, made)
+    _make_private_dir(cfg.logs_dir, made)
+    if not cfg.db_path.parent.exists():
+        _make_private_dir(cfg.db_path.parent, made)
+    lock.acquire()  # the lock file lives beside the database
+    old_umask = os.umask(0o077)  # a new database file is 0600
     try:
-        _make_private_dir(cfg.home, made)
-        _make_private_dir(cfg.logs_dir, made)
-        if not cfg.db_path.parent.exists():
-            _make_private_dir(cfg.db_path.parent, made)
-        own_lock = lock is None
-        if own_lock:
-            lock = DaemonLock(cfg.lock_path)
-            lock.acquire()
-        try:
-            existed = cfg.db_path.exists()
-            store = Store.open(cfg.db_path, synchronous=cfg.synchronous)
-            before, after = store.migrated
-            store.close()
-        finally:
-            if own_lock:
-                lock.release()
+        existed = cfg.db_path.exists()
+        store = Store.open(cfg.db_path, synchronous=cfg.synchronous)
+        before, after = store.migrated
+        store.close()
+    except BaseException:
+        lock.release()
+        raise
     finally:
         os.umask(old_umask)
+    if not keep_lock:
+        lock.release()
     if not existed:
         made.append(f"created database {cfg.db_path} at schema version {after}")
     elif before != after:
@@ -236,11 +234,7 @@ async def serve(cfg: Config) -> None:
     listeners = []
     store = None
     try:
-        _make_private_dir(cfg.home, [])  # the lock file lives beside the database
-        if not cfg.db_path.parent.exists():
-            _make_private_dir(cfg.db_path.parent, [])
-        lock.acquire()
-        init_home(cfg, lock)
+        init_home(cfg, lock, keep_lock=True)
         raise_fd_limit()
         store = Store.open(
             cfg.db_path,
@@ -344,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
     if args.init:
         try:
-            made = init_home(cfg)
+            made = init_home(cfg, DaemonLock(cfg.lock_path))
         except (SchemaTooNew, StartupError, OSError) as exc:
             print(f"semantica: cannot set up {cfg.home}: {exc}", file=sys.stderr)
             return 1

@@ -214,6 +214,9 @@ JOB_COLUMNS = (
     "exit_code, error_kind, error_message, result_summary, artifacts, progress, progress_message"
 )
 
+# The error message of a job superseded by a newer request, before the newer job's id.
+SUPERSEDED_BY = "superseded by a newer request for the same subject: job "
+
 SQL_ENSURE_QUEUE = "INSERT INTO queues (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
 # Without an explicit generation: latest + 1 (the first is 1).
@@ -241,7 +244,7 @@ RETURNING latest_generation
 
 SQL_SUPERSEDE_OLDER_QUEUED = f"""
 UPDATE jobs SET state = 'SUPERSEDED', finished_at = :now, error_kind = 'superseded',
-    error_message = 'superseded by a newer request for the same subject: job ' || :by
+    error_message = '{SUPERSEDED_BY}' || :by
 WHERE {_moving(State.SUPERSEDED, State.QUEUED)}
   AND queue = :queue AND job_type = :job_type AND subject_key = :subject_key
 RETURNING id
@@ -252,7 +255,7 @@ SQL_SUPERSEDE_QUEUED_OF_KEYS = f"""
 WITH keys (queue, job_type, subject_key, by_id) AS MATERIALIZED (
     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1))
 UPDATE jobs SET state = 'SUPERSEDED', finished_at = ?2, error_kind = 'superseded',
-    error_message = 'superseded by a newer request for the same subject: job ' || keys.by_id
+    error_message = '{SUPERSEDED_BY}' || keys.by_id
 FROM keys
 WHERE jobs.{_moving(State.SUPERSEDED, State.QUEUED)} AND jobs.queue = keys.queue
   AND jobs.job_type = keys.job_type AND jobs.subject_key = keys.subject_key
@@ -559,7 +562,7 @@ def _as_stored_after(results: list[EnqueueResult], now: int) -> list[EnqueueResu
         if by is not None and r.job.state is State.QUEUED:
             job = msgspec.structs.replace(
                 r.job, state=State.SUPERSEDED, finished_at=now, error_kind="superseded",
-                error_message=f"superseded by a newer request for the same subject: job {by}",
+                error_message=f"{SUPERSEDED_BY}{by}",
             )  # fmt: skip
             r = msgspec.structs.replace(r, job=job)
         out.append(r)
@@ -933,8 +936,7 @@ class Store:
                 result = self._store_row(
                     req, payload, now, ids[i], generation, superseded=superseded,
                     state=State.SUPERSEDED, finished_at=now, error_kind="superseded",
-                    error_message="superseded by a newer request for the same subject: "
-                    f"job {ids[following]}",
+                    error_message=f"{SUPERSEDED_BY}{ids[following]}",
                 )  # fmt: skip
             results.append(result)
         return _as_stored_after(results, now)

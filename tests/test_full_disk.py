@@ -99,6 +99,17 @@ def assert_refused_with_5003(exc: StorageUnavailable, *says: str) -> None:
     assert exc.data == {"retry": "after the cause is fixed; reads still work"}
 
 
+def assert_service_resumed(client, before) -> None:
+    """Without a restart: a new write is taken, the held queue runs both jobs, and the
+    whole database passes integrity_check."""
+    again = client.enqueue(job_type="noop", subject_key="after")
+    client.resume("default")
+    assert client.wait(again.id, timeout_ms=20_000).state is State.DONE
+    assert client.wait(before.id, timeout_ms=20_000).state is State.DONE
+    health = client.health(integrity_check=True)
+    assert health.ok and health.check == "integrity_check" and health.problems == []
+
+
 def enqueue_until_refused(client) -> StorageUnavailable:
     big = {"blob": "x" * 200_000}
     for _ in range(200):  # the WAL may still have a few free pages to write into
@@ -128,12 +139,7 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_recovers(small_disk):
             assert daemon.proc.poll() is None, "the daemon must not die on a full disk"
 
             filler.unlink()
-            again = c.enqueue(job_type="noop", subject_key="after")
-            c.resume("default")
-            assert c.wait(again.id, timeout_ms=20_000).state is State.DONE
-            assert c.wait(before.id, timeout_ms=20_000).state is State.DONE
-            health = c.health(integrity_check=True)
-            assert health.ok and health.check == "integrity_check" and health.problems == []
+            assert_service_resumed(c, before)
     finally:
         daemon.stop()
 
@@ -174,12 +180,7 @@ def test_a_database_turned_read_only_refuses_writes_keeps_reads_and_recovers(sma
             assert daemon.proc.poll() is None, "the daemon must not die on a read-only file"
 
             subprocess.run(["chattr", "-i", str(db), f"{db}-wal"], check=True)
-            again = c.enqueue(job_type="noop", subject_key="after")  # no restart
-            c.resume("default")
-            assert c.wait(again.id, timeout_ms=20_000).state is State.DONE
-            assert c.wait(before.id, timeout_ms=20_000).state is State.DONE
-            health = c.health(integrity_check=True)
-            assert health.ok and health.check == "integrity_check" and health.problems == []
+            assert_service_resumed(c, before)
     finally:
         subprocess.run(["chattr", "-i", str(db), f"{db}-wal"], capture_output=True)
         daemon.stop()

@@ -224,6 +224,8 @@ class Api:
         self.committer = GroupCommitter(store, clock, self.metrics)
         self.committer.on_committed = self._after_enqueue
         self.wal_sync = WalSync(store)
+        if store.needs_sync:  # how attempts ended is announced once it is on disk
+            self.dispatcher.durable = self.wal_sync.durable
         self.checkpointer = Checkpointer(store)
         self.maintenance = Maintenance(
             store,

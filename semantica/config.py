@@ -39,7 +39,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     rate_burst: float = 5_000.0
     cpu_idle_percent: float = 30.0
     maintenance_hours: float = 24.0
-    warm_max_jobs: int = 100
+    warm_max_jobs: int = 1000
     warm_max_rss_mb: int = 512
     zygote: bool = True
     runner_memory_mb: int = 8192
@@ -165,7 +165,7 @@ def load(
         rate_per_s=number("SEMANTICA_RATE_LIMIT", "20000", 0.001, 1e9),
         rate_burst=number("SEMANTICA_RATE_BURST", "5000", 1, 1e9),
         warm_max_jobs=_int(
-            "SEMANTICA_WARM_MAX_JOBS", get("SEMANTICA_WARM_MAX_JOBS", "100"), 1, 10**9
+            "SEMANTICA_WARM_MAX_JOBS", get("SEMANTICA_WARM_MAX_JOBS", "1000"), 1, 10**9
         ),
         warm_max_rss_mb=_int(
             "SEMANTICA_WARM_MAX_RSS_MB", get("SEMANTICA_WARM_MAX_RSS_MB", "512"), 1, 10**7

@@ -32,6 +32,7 @@ import trio
 from semantica import log
 from semantica.domain import ExecutionMode, Job, Outcome
 from semantica.plugins import Progress, Result, RunSpec, WarmJob
+from semantica.runner import open_job_log
 
 ZYGOTE_START_TIMEOUT_S = 30.0
 ZYGOTE_REPLY_TIMEOUT_S = 10.0
@@ -147,7 +148,7 @@ class Launcher:
         limits: SandboxLimits | None = None,
         daemon_env: dict[str, str] | None = None,
         python: str = sys.executable,
-        warm_max_jobs: int = 100,
+        warm_max_jobs: int = 1000,
         warm_max_rss_bytes: int = 512 * 1024**2,
         use_zygote: bool = True,
     ) -> None:
@@ -161,6 +162,7 @@ class Launcher:
         self.python = python
         self.warm = WarmPool(self, max_jobs=warm_max_jobs, max_rss_bytes=warm_max_rss_bytes)
         self.zygote = Zygote(self) if use_zygote and sys.platform == "linux" else None
+        self._tree_made = False
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -175,26 +177,25 @@ class Launcher:
         on_started: Callable[[int, float], None],
         on_progress: Callable[[float, str | None], None],
         trace_id: str | None = None,
+        worker: WarmWorker | None = None,
     ) -> Outcome:
         """Run the job's current attempt to its end and return how it ended: in a
-        fresh process (SUBPROCESS), or on a worker of the WARM pool.
+        fresh process (SUBPROCESS), or on a worker of the WARM pool (`worker`, when
+        one was reserved for it and recorded with its claim).
 
-        `on_started(pid, start_time)` is called as soon as the process is known.
+        `on_started(pid, start_time)` is called as soon as the process is known
+        (not for a `worker` given: its process is already recorded).
         Cancelling the caller's scope stops the process group (TERM, then KILL)
         before this returns or raises.
         """
-        cwd = self.work_dir / job.id
-        try:
-            cwd.mkdir(mode=0o700)
-        except FileNotFoundError:  # the first job (or someone removed them): make the tree
+        if not self._tree_made:  # the runners make their own directories in it
             for d in (self.logs_dir, self.work_dir, self.artifacts_root):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            cwd.mkdir(mode=0o700, exist_ok=True)
-        except FileExistsError:  # a retry: the attempt before made it
-            pass
+            self._tree_made = True
+        cwd = self.work_dir / job.id
         spec = self._spec(job, trace_id)
         if job.execution_mode is ExecutionMode.WARM:
-            return await self.warm.run(job, spec, cwd, on_started, on_progress)
+            return await self.warm.run(job, spec, cwd, on_started, on_progress, worker)
         return await self._run_fresh(job, spec, cwd, on_started, on_progress)
 
     def _spec(self, job: Job, trace_id: str | None) -> RunSpec:
@@ -223,12 +224,7 @@ class Launcher:
         read_fd, write_fd = os.pipe()
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
         try:
-            log_fd = os.open(
-                # Read access lets the runner see whether the job's output ended a line.
-                self.log_path(job.id),
-                os.O_RDWR | os.O_CREAT | os.O_APPEND,
-                0o600,
-            )
+            log_fd = open_job_log(str(self.log_path(job.id)))
         except BaseException:
             os.close(read_fd)
             os.close(write_fd)
@@ -300,6 +296,7 @@ class Launcher:
                 return self.zygote.child(pid, trio.lowlevel.FdStream(stdin_w))
             finally:
                 os.close(stdin_r)
+        os.makedirs(cwd, 0o700, exist_ok=True)
         return await trio.lowlevel.open_process(
             # -P: the job's working directory must not shadow our modules on sys.path.
             [self.python, "-P", "-m", "semantica.runner"],
@@ -561,13 +558,17 @@ class WarmPool:
         cwd: Path,
         on_started: Callable[[int, float], None],
         on_progress: Callable[[float, str | None], None],
+        worker: WarmWorker | None = None,
     ) -> Outcome:
-        worker = self.idle.pop() if self.idle else await self._spawn()
+        recorded = worker is not None
+        if worker is None:
+            worker = self.idle.pop() if self.idle else await self._spawn()
         reusable = False
         result: Result | None = None
         deadline_hit = False
         try:
-            on_started(worker.pid, worker.start_time)
+            if not recorded:
+                on_started(worker.pid, worker.start_time)
             line = _encode(
                 WarmJob(
                     spec=spec,
@@ -586,7 +587,7 @@ class WarmPool:
             deadline_hit = deadline.cancelled_caught
             if result is not None and not deadline_hit:
                 worker.jobs_done += 1
-                reusable = not result.worker_exits and self._still_fit(worker)
+                reusable = not result.worker_exits and self._still_fit(worker, result)
         finally:
             if reusable:
                 self.idle.append(worker)
@@ -598,14 +599,30 @@ class WarmPool:
             return self.launcher._outcome(worker.proc.returncode, None, False, job)
         return self.launcher._outcome(0 if result else None, result, deadline_hit, job)
 
-    def _still_fit(self, worker: WarmWorker) -> bool:
+    def reserve(self) -> WarmWorker | None:
+        """An idle worker, taken out of the pool for a job about to be claimed (its
+        PID is recorded with the claim); `give_back` it if no WARM job came."""
+        return self.idle.pop() if self.idle else None
+
+    def give_back(self, worker: WarmWorker) -> None:
+        self.idle.append(worker)
+
+    def _still_fit(self, worker: WarmWorker, result: Result) -> bool:
+        """Whether to reuse the worker: by its own report after the job where it
+        gives one (Linux), else by looking at it from here."""
         if worker.jobs_done >= self.max_jobs:
             log.debug("warm_worker_recycled", pid=worker.pid, reason="max_jobs")
             return False
-        if worker.has_children():
+        left_process = result.worker_children
+        if left_process is None:
+            left_process = worker.has_children()
+        if left_process:
             log.event("warm_worker_recycled", pid=worker.pid, reason="a job left a process")
             return False
-        if worker.rss_bytes() > self.max_rss_bytes:
+        rss = result.worker_rss_bytes
+        if rss is None:
+            rss = worker.rss_bytes()
+        if rss > self.max_rss_bytes:
             log.event("warm_worker_recycled", pid=worker.pid, reason="memory ceiling")
             return False
         return True

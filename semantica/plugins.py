@@ -36,13 +36,13 @@ from __future__ import annotations
 import importlib.metadata
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 if TYPE_CHECKING:
     import logging
-    from pathlib import Path
 
 ENTRY_POINT_GROUP = "semantica.runners"
 RESULT_FD = 3  # the runner writes RunnerMessages here; stdout/stderr are the job's log
@@ -107,6 +107,12 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     # A WARM worker that got SIGTERM during the job exits after sending this: the
     # daemon must not hand it another job (the signal may not have come from it).
     worker_exits: bool = False
+    # A WARM worker's own report after the job (Linux), so that the daemon need not
+    # look: its resident memory, and whether the job left a process behind. The job
+    # runs in that process and could misreport; it could as well tamper with the
+    # worker itself, which is what WARM mode trusts a job not to do.
+    worker_rss_bytes: int | None = None
+    worker_children: bool | None = None
 
 
 RunnerMessage = Progress | Result  # NDJSON lines on RESULT_FD, tagged by "type"
@@ -134,9 +140,10 @@ class JobContext:
     """
 
     __slots__ = (
+        "_artifacts_dir",
+        "_artifacts_made",
         "_emit",
         "_is_cancelled",
-        "artifacts_dir",
         "attempt",
         "deadline_ms",
         "job_id",
@@ -167,10 +174,20 @@ class JobContext:
         self.payload = payload
         self.attempt = attempt
         self.deadline_ms = deadline_ms
-        self.artifacts_dir = artifacts_dir
+        self._artifacts_dir = Path(artifacts_dir)
+        self._artifacts_made = False
         self.logger = logger
         self._emit = emit
         self._is_cancelled = is_cancelled
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """The job's own directory for what it produces (made, 0700, when first asked
+        for: most jobs write none, and a directory per job costs the disk)."""
+        if not self._artifacts_made:
+            self._artifacts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._artifacts_made = True
+        return self._artifacts_dir
 
     def cancelled(self) -> bool:
         """True once the job was asked to stop (SIGTERM): wind down, then return or raise."""

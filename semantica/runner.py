@@ -43,6 +43,7 @@ Imports stay few (msgspec and the standard library) so a runner starts fast.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -50,8 +51,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -69,9 +71,6 @@ from semantica.plugins import (
     RunSpec,
     WarmJob,
 )
-
-if TYPE_CHECKING:
-    import logging
 
 RLIMITS_ENV = "SEMANTICA_RLIMITS"
 PARENT_PID_ENV = "SEMANTICA_PARENT_PID"
@@ -142,13 +141,15 @@ def _install_sigterm_handler(flag: _CancelFlag) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def run_job(spec: RunSpec, result_fd: int) -> bool:
+def run_job(spec: RunSpec, result_fd: int, *, warm: bool = False) -> bool:
     """Run one attempt in this process and write its messages to `result_fd`.
 
     Writes any progress, then exactly one Result line, whatever the plugin does,
     except leave the process (SystemExit, os._exit, a fatal signal). Does not close
     `result_fd` and may be called again in the same process for the next job.
     Returns whether SIGTERM arrived meanwhile (the launcher is stopping this process).
+    A `warm` worker also reports what the daemon needs to decide whether to reuse it:
+    its resident memory, and whether the job left a process behind.
     """
     channel = ResultChannel(result_fd)
     flag = _CancelFlag()
@@ -157,6 +158,9 @@ def run_job(spec: RunSpec, result_fd: int) -> bool:
     _flush_std_streams()
     if flag.requested:
         result = msgspec.structs.replace(result, worker_exits=True)
+    elif warm:
+        rss, children = _own_fitness()
+        result = msgspec.structs.replace(result, worker_rss_bytes=rss, worker_children=children)
     channel.send(result)
     return flag.requested
 
@@ -164,15 +168,11 @@ def run_job(spec: RunSpec, result_fd: int) -> bool:
 def _run(spec: RunSpec, channel: ResultChannel, flag: _CancelFlag) -> Result:
     logger = _job_logger(spec.trace_id)
     started = time.monotonic()
-    logger.info("job %s attempt %d: %s", spec.job_id, spec.attempt, spec.job_type.lower())
+    _note(f"job {spec.job_id} attempt {spec.attempt}: {spec.job_type.lower()}")
     plugin, failure = _load_plugin(spec.job_type)
     if failure is not None:
         return failure
-    artifacts_dir = Path(spec.artifacts_dir)
-    try:
-        artifacts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        return _failure(exc, f"cannot create the artifacts directory {artifacts_dir}")
+    artifacts_dir = Path(spec.artifacts_dir)  # made when the plugin first asks for it
     ctx = JobContext(
         job_id=spec.job_id,
         job_type=spec.job_type,
@@ -190,8 +190,34 @@ def _run(spec: RunSpec, channel: ResultChannel, flag: _CancelFlag) -> Result:
         return _failure(exc)
     result = _success(value, artifacts_dir)
     if result.error_kind is None:
-        logger.info("job %s attempt %d: done in %.3fs", spec.job_id, spec.attempt, _since(started))
+        _note(f"job {spec.job_id} attempt {spec.attempt}: done in {_since(started):.3f}s")
     return result
+
+
+def _own_fitness() -> tuple[int | None, bool | None]:
+    """(resident bytes, whether this process has children), read from /proc on Linux;
+    (None, None) elsewhere, and the daemon looks for itself."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * _PAGE_SIZE
+        with open(f"/proc/self/task/{os.getpid()}/children", "rb") as f:
+            children = bool(f.read().strip())
+    except (OSError, ValueError, IndexError):
+        return None, None
+    return rss, children
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _note(message: str) -> None:
+    """The runner's own INFO line in the job log, as the job logger writes it, on a
+    line of its own. Written directly: in a freshly forked runner each object the
+    logging machinery touches costs a page copy."""
+    _flush_std_streams()
+    start = b"" if _at_line_start(2) else b"\n"
+    line = f"{_timestamp()} INFO semantica.job{_trace_suffix}: {message}\n"
+    _write_stderr_raw(start + line.encode(errors="replace"))
 
 
 def _since(started: float) -> float:
@@ -340,35 +366,32 @@ def _at_line_start(fd: int) -> bool:
         return True
 
 
+class _LineStartHandler(logging.StreamHandler):
+    """Starts each record on a line of its own, even after job output that did not
+    end with a newline (`printf`), so the two never run together."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _flush_std_streams()
+        if not _at_line_start(2):
+            _write_stderr_raw(b"\n")
+        record.trace_suffix = _trace_suffix
+        super().emit(record)
+
+
 def _job_logger(trace_id: str | None = None) -> logging.Logger:
     """`semantica.job`, writing through a root handler on stderr (the job log); with
     tracing on, each line carries the attempt's `trace_id=`."""
-    import logging
-
     global _trace_suffix
     _trace_suffix = f" trace_id={trace_id}" if trace_id else ""
-
-    class LineStartHandler(logging.StreamHandler):
-        """Starts each record on a line of its own, even after job output that did
-        not end with a newline (`printf`), so the two never run together."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            _flush_std_streams()
-            if not _at_line_start(2):
-                _write_stderr_raw(b"\n")
-            record.trace_suffix = _trace_suffix
-            super().emit(record)
-
     root = logging.getLogger()
-    if not any(getattr(h, "semantica_job_log", False) for h in root.handlers):
-        handler = LineStartHandler(sys.stderr)
+    if not any(isinstance(h, _LineStartHandler) for h in root.handlers):
+        handler = _LineStartHandler(sys.stderr)
         formatter = logging.Formatter(
             "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s%(trace_suffix)s: %(message)s",
             datefmt="%Y-%m-%dT%H:%M:%S",
         )
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
-        handler.semantica_job_log = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.setLevel(logging.INFO)
     return logging.getLogger("semantica.job")
@@ -426,8 +449,9 @@ def apply_rlimits(spec: str) -> None:
             sys.stderr.write(f"semantica runner: cannot set resource limit {name}={value}: {exc}\n")
 
 
-def watch_parent(parent_pid: int) -> bool:
-    """Stop this process group when `parent_pid` (the daemon) exits. False: already gone.
+def watch_parent(parent_pid: int, on_gone: Callable[[], None] | None = None) -> bool:
+    """Stop this process group (or call `on_gone`) when `parent_pid` (the daemon)
+    exits. False: already gone.
 
     A daemon thread waits on a pidfd (Linux), a kqueue (macOS, BSD) or, failing both,
     polls the parent pid once a second.
@@ -435,13 +459,16 @@ def watch_parent(parent_pid: int) -> bool:
     if os.getppid() != parent_pid:
         return False
     thread = threading.Thread(
-        target=_watch_parent, args=(parent_pid,), name="semantica-parent-watch", daemon=True
+        target=_watch_parent,
+        args=(parent_pid, on_gone or _stop_own_group),
+        name="semantica-parent-watch",
+        daemon=True,
     )
     thread.start()
     return True
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, on_gone: Callable[[], None]) -> None:
     import select
 
     try:
@@ -468,7 +495,7 @@ def _watch_parent(parent_pid: int) -> None:
             pass
     while os.getppid() == parent_pid:  # the fallback, and a check on the above
         time.sleep(1.0)
-    _stop_own_group()
+    on_gone()
 
 
 def _stop_own_group() -> None:
@@ -599,7 +626,7 @@ def main_warm() -> int:
             )
             continue
         _enter_job(job, base_env)
-        stopping = run_job(job.spec, result_fd)
+        stopping = run_job(job.spec, result_fd, warm=True)
         _flush_std_streams()
         if stopping:  # cancelled or past its deadline: the daemon stops this worker
             break
@@ -609,15 +636,37 @@ def main_warm() -> int:
 def _become_subreaper() -> None:
     """Linux: processes a job leaves behind are re-parented to this worker (not to
     init), so the daemon sees them and does not reuse the worker."""
-    if sys.platform != "linux":
-        return
-    try:
-        import ctypes
+    _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Be killed (SIGKILL) when the parent process exits; False if it already has.
+
+    Linux: the parent-death signal (PR_SET_PDEATHSIG), for a process forked by a
+    single-threaded parent (the zygote; it fires when the forking *thread* exits).
+    Elsewhere, the watch thread of `watch_parent`, which stops the whole group.
+    """
+    if not _prctl(1, signal.SIGKILL):  # PR_SET_PDEATHSIG
+        return watch_parent(parent_pid)
+    return os.getppid() == parent_pid  # else it died before the signal was armed
+
+
+_libc: Any = None
+
+
+def _prctl(option: int, arg: int) -> bool:
+    """prctl(2) on Linux (libc loaded once, before any fork); False elsewhere or on failure."""
+    global _libc
+    if sys.platform != "linux":
+        return False
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        return _libc.prctl(option, arg, 0, 0, 0) == 0
     except (OSError, AttributeError):
-        pass
+        return False
 
 
 def _lines(stream: Any) -> Any:
@@ -632,12 +681,10 @@ def _lines(stream: Any) -> Any:
 def _enter_job(job: WarmJob, base_env: dict[str, str]) -> None:
     import resource
 
-    os.environ.clear()
-    os.environ.update(base_env)
-    os.environ.update(job.env)
-    os.chdir(job.cwd)
+    set_environment({**base_env, **job.env})  # undoes the last job's, and its changes
+    enter_work_dir(job.cwd)
     _flush_std_streams()
-    log_fd = os.open(job.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    log_fd = open_job_log(job.log_path)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -652,6 +699,43 @@ def _enter_job(job: WarmJob, base_env: dict[str, str]) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (want, hard))
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"semantica runner: cannot set the CPU limit to {want}s: {exc}\n")
+
+
+def set_environment(wanted: dict[str, str]) -> None:
+    """Make os.environ exactly `wanted`, changing only what differs (each change is
+    a putenv, and in a forked runner each object touched costs a page copy)."""
+    current = dict(os.environ)
+    if current == wanted:
+        return
+    for name in current.keys() - wanted.keys():
+        del os.environ[name]
+    for name, value in wanted.items():
+        if current.get(name) != value:
+            os.environ[name] = value
+
+
+def enter_work_dir(path: str) -> None:
+    """Make the job's working directory (0700; a retry finds it made) and enter it.
+    Made here, in the runner, not by the daemon: a directory per job costs the disk
+    some time, better spent in the runner than on the daemon's event loop."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:  # the tree above it was removed: make it again
+        os.makedirs(path, 0o700, exist_ok=True)
+    os.chdir(path)
+
+
+def open_job_log(path: str) -> int:
+    """The job's log file, for appending (read access lets the runner see whether the
+    job's output ended a line)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:  # the logs directory was removed: make it again
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        return os.open(path, flags, 0o600)
 
 
 def _exit_despite_stray_threads() -> None:

@@ -7,18 +7,19 @@ interval, so an idle daemon does not wake at all.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
 
 from semantica import log
-from semantica.domain import Job, Outcome, State
-from semantica.launcher import Launcher, kill_orphaned_runner
+from semantica.domain import ExecutionMode, Job, Outcome, State
+from semantica.launcher import Launcher, WarmWorker, kill_orphaned_runner
 from semantica.metrics import Histogram
 from semantica.probe import SAMPLE_EVERY_S
 from semantica.store import Conditions, StorageUnavailable, Store
@@ -28,6 +29,18 @@ ALL_CONDITIONS = Conditions(cpu_idle=True, on_ac_power=True)
 SAMPLE_EVERY_MS = int(SAMPLE_EVERY_S * 1000)
 RETRY_FIRST_S = 1.0  # after the store failed, look again after this, doubling
 RETRY_MAX_S = 30.0
+
+
+class _Ended:
+    """An attempt that ended, waiting to be recorded."""
+
+    __slots__ = ("job", "late", "outcome")
+
+    def __init__(self, job: Job, outcome: Outcome) -> None:
+        self.job = job
+        self.outcome = outcome
+        self.late = False  # the store refused it once: logged, and retried
+
 
 CANCELLED_WHILE_RUNNING = Outcome(
     error_kind="cancelled", error_message="stopped: cancelled or superseded while running"
@@ -64,7 +77,14 @@ class Dispatcher:
         self._running: dict[str, trio.CancelScope] = {}
         self._stopping = False
         self._job_ended = trio.Event()
-        self._unrecorded: list[tuple[Job, Outcome]] = []
+        # Attempts that ended, to be recorded by the next look (in the transaction that
+        # claims their successors); `late` once the store has refused them.
+        self._finishing: list[_Ended] = []
+        # Recorded, to be announced (waiters, logs) once on disk.
+        self._to_announce: list[Job] = []
+        self._announce = trio.Event()
+        # Awaited before announcing ended jobs (the daemon's group fsync), if set.
+        self.durable: Callable[[], Awaitable[None]] | None = None
         self._caught_up = False
         self._failures = 0
         self._idle_admitted_at = -SAMPLE_EVERY_MS
@@ -150,6 +170,7 @@ class Dispatcher:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._guarded(self._catch_up)
         async with trio.open_nursery() as jobs:
+            jobs.start_soon(self._announce_ended)
             task_status.started()
             while True:
                 self._wake = trio.Event()
@@ -199,7 +220,6 @@ class Dispatcher:
             self._look_everywhere = True  # a time passed: any queue may have a ready job
         if not self._caught_up:
             self._catch_up()
-        self._record_unrecorded()
         if passed:
             # Jobs queued before this daemon started are not in the heap: ask the
             # store for the next due time each time one passes (rare, and only then).
@@ -208,39 +228,110 @@ class Dispatcher:
                     heapq.heappush(self._due, when)
             for job_id in self.store.expire_overdue(now=now):  # only when something is due
                 self.on_job_changed(self.store.get(job_id))
-        if self._stopping or len(self._running) >= self.workers:
+        claiming = self._may_claim()
+        if not claiming and not self._finishing:
             return
+        offered = ALL_CONDITIONS
+        wants_idle = wants_power = False
+        if claiming:
+            # The sensors are read only while some queued job waits on them.
+            wants_idle, wants_power = self.store.gated_waiting()
+            if wants_idle or wants_power:
+                offered = self.conditions()
+            if offered.cpu_idle and now < self._idle_admitted_at + SAMPLE_EVERY_MS:
+                offered = msgspec.structs.replace(offered, cpu_idle=False)
+        finishing = list(self._finishing)
+        claimed: list[tuple[Job, WarmWorker | None]] = []
+        try:
+            # One transaction: the attempts that ended, then the jobs taking their
+            # places (a WARM job with the idle worker that will run it).
+            with self.store.transaction():
+                # At `now`, as the claims: a successor never starts before its
+                # predecessor's end.
+                ended = [
+                    self.store.finish(
+                        e.job.id, e.outcome, now=now, rng=self.rng, attempt=e.job.attempt
+                    )
+                    for e in finishing
+                ]
+                if claiming:
+                    offered = self._claim(now, offered, claimed)
+        except BaseException:
+            for _job, worker in claimed:
+                if worker is not None:
+                    self.launcher.warm.give_back(worker)
+            for e in finishing:
+                if not e.late:
+                    e.late = True
+                    log.error(
+                        "job_finish_not_recorded",
+                        job_id=e.job.id,
+                        advice="kept in memory and retried; a restart counts the attempt "
+                        "as orphaned",
+                    )
+            raise
+        del self._finishing[: len(finishing)]
+        for e, job in zip(finishing, ended, strict=True):
+            if e.late:
+                log.event("job_finish_recorded_late", job_id=job.id, state=job.state.value)
+            self._after_finish(job)
+        for job, worker in claimed:
+            self._start(jobs, job, worker, now)
+        if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
+            # A gated job may be waiting on a condition: read the sensors again soon.
+            # Only while such a job is queued; an idle daemon does not wake for this.
+            # Counted from after the admissions, so the probe's reading has aged by then.
+            self.due_at(self.clock() + SAMPLE_EVERY_MS)
+
+    def _may_claim(self) -> bool:
+        """Whether this look should try to claim (it consumes the wake-up's hints)."""
+        if self._stopping or len(self._running) >= self.workers:
+            return False
         everywhere, self._look_everywhere = self._look_everywhere, False
         enqueued_into, self._enqueued_into = self._enqueued_into, set()
-        if not everywhere and all(self.store.is_paused(q) for q in enqueued_into):
-            return  # queues paused since their enqueue woke us: nothing new can start
-        # The sensors are read only while some queued job waits on them.
-        wants_idle, wants_power = self.store.gated_waiting()
-        offered = self.conditions() if wants_idle or wants_power else ALL_CONDITIONS
-        if offered.cpu_idle and now < self._idle_admitted_at + SAMPLE_EVERY_MS:
-            offered = msgspec.structs.replace(offered, cpu_idle=False)
-        while len(self._running) < self.workers:
+        # Queues paused since their enqueue woke us: nothing new can start.
+        return everywhere or not all(self.store.is_paused(q) for q in enqueued_into)
+
+    def _claim(
+        self, now: int, offered: Conditions, claimed: list[tuple[Job, WarmWorker | None]]
+    ) -> Conditions:
+        """Claim ready jobs while there is room; returns the conditions still offered."""
+        warm = self.launcher.warm
+        while len(self._running) + len(claimed) < self.workers:
+            worker = warm.reserve()
             began = time.perf_counter()
-            job = self.store.claim_next_job(now=now, global_limit=self.workers, conditions=offered)
+            try:
+                job = self.store.claim_next_job(
+                    now=now,
+                    global_limit=self.workers,
+                    conditions=offered,
+                    warm_runner=None if worker is None else (worker.pid, worker.start_time),
+                )
+            except BaseException:
+                if worker is not None:
+                    warm.give_back(worker)
+                raise
             self.claim_latency.observe((time.perf_counter() - began) * 1000)
+            if worker is not None and (job is None or job.execution_mode is not ExecutionMode.WARM):
+                warm.give_back(worker)
+                worker = None
             if job is None:
                 break
-            self.start_latency.observe(max(0, now - max(job.created_at, job.run_after)))
+            claimed.append((job, worker))
             if job.wait_for_idle:
                 # This job's own load is not yet in the reading: admit one idle-gated
                 # job per sample, and let the next reading decide about the next one.
                 offered = msgspec.structs.replace(offered, cpu_idle=False)
                 self._idle_admitted_at = now
                 self._resample()
-            self._running[job.id] = trio.CancelScope()
-            trace_id = self._trace_begin(job, now)
-            self.on_job_changed(job)
-            jobs.start_soon(self._run_job, job, trace_id)
-        if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
-            # A gated job may be waiting on a condition: read the sensors again soon.
-            # Only while such a job is queued; an idle daemon does not wake for this.
-            # Counted from after the admissions, so the probe's reading has aged by then.
-            self.due_at(self.clock() + SAMPLE_EVERY_MS)
+        return offered
+
+    def _start(self, jobs: trio.Nursery, job: Job, worker: WarmWorker | None, now: int) -> None:
+        self.start_latency.observe(max(0, now - max(job.created_at, job.run_after)))
+        self._running[job.id] = trio.CancelScope()
+        trace_id = self._trace_begin(job, now)
+        self.on_job_changed(job)
+        jobs.start_soon(self._run_job, job, trace_id, worker)
 
     def _trace_begin(self, job: Job, now: int) -> str | None:
         """Tracing is an observer: its trouble is logged, never the job's."""
@@ -260,36 +351,46 @@ class Dispatcher:
         except Exception as exc:
             log.warning("tracing_failed", job_id=job.id, error=repr(exc))
 
-    def _record_unrecorded(self) -> None:
-        """Outcomes the store could not take when their attempts ended, retried."""
-        while self._unrecorded:
-            job, outcome = self._unrecorded[0]
-            ended = self.store.finish(
-                job.id, outcome, now=self.clock(), rng=self.rng, attempt=job.attempt
-            )
-            self._unrecorded.pop(0)
-            log.event("job_finish_recorded_late", job_id=job.id, state=ended.state.value)
-            self._after_finish(ended)
-
     def _after_finish(self, ended: Job) -> None:
         self._look_everywhere = True  # its worker slot, and maybe its key, are free now
         if ended.state is State.QUEUED:
             self.due_at(ended.run_after)
-        self.on_job_changed(ended)
-        self._trace_end(ended)
+        self._to_announce.append(ended)
+        self._announce.set()
+
+    async def _announce_ended(self) -> None:
+        """Tell waiters and the log how attempts ended, once that is on disk."""
+        while True:
+            await self._announce.wait()
+            self._announce = trio.Event()
+            if self.durable is not None:
+                try:
+                    await self.durable()
+                except StorageUnavailable as exc:  # announced all the same: it is committed
+                    log.warning("job_outcome_not_synced", error=str(exc))
+            self._announce_now()
+
+    def _announce_now(self) -> None:
+        ended, self._to_announce = self._to_announce, []
+        for job in ended:
+            self.on_job_changed(job)
+            self._trace_end(job)
 
     def _seconds_to_next_due(self) -> float:
         if not self._due:
             return math.inf
         return max(0.0, (self._due[0] - self.clock()) / 1000)
 
-    async def _run_job(self, job: Job, trace_id: str | None = None) -> None:
+    async def _run_job(
+        self, job: Job, trace_id: str | None = None, worker: WarmWorker | None = None
+    ) -> None:
         scope = self._running[job.id]
         outcome: Outcome | None = None
         try:
             with scope:
                 outcome = await self.launcher.run(
                     job,
+                    worker=worker,
                     on_started=lambda pid, start: self.store.record_runner(job.id, pid, start),
                     on_progress=lambda fraction, message: self.store.set_progress(
                         job.id, fraction, message
@@ -302,39 +403,18 @@ class Dispatcher:
                     return
                 outcome = CANCELLED_WHILE_RUNNING
             assert outcome is not None
-            self._finish(job, outcome)
         except Exception as exc:  # one job's trouble must never stop the dispatcher
             log.error("job_run_failed", job_id=job.id, error=repr(exc), exc_info=True)
-            self._finish(
-                job,
-                Outcome(
-                    error_kind="internal",
-                    error_message=f"the daemon failed to run this attempt ({exc!r}); see its log",
-                ),
+            outcome = Outcome(
+                error_kind="internal",
+                error_message=f"the daemon failed to run this attempt ({exc!r}); see its log",
             )
         finally:
             del self._running[job.id]
             self._job_ended.set()
             self.wake()
-
-    def _finish(self, job: Job, outcome: Outcome) -> None:
-        """Record an attempt's outcome; if the store cannot take it now, keep it and
-        retry (the job stays RUNNING in the database until then, holding its key)."""
-        try:
-            ended = self.store.finish(
-                job.id, outcome, now=self.clock(), rng=self.rng, attempt=job.attempt
-            )
-        except Exception as exc:
-            log.error(
-                "job_finish_not_recorded",
-                job_id=job.id,
-                error=str(exc),
-                advice="kept in memory and retried; a restart counts the attempt as orphaned",
-            )
-            self._unrecorded.append((job, outcome))
-            self.due_at(self.clock() + int(RETRY_FIRST_S * 1000))
-            return
-        self._after_finish(ended)
+        # Recorded by the next look, with the claim of the job that takes its place.
+        self._finishing.append(_Ended(job, outcome))
 
     def _requeue(self, job: Job) -> None:
         try:
@@ -355,7 +435,24 @@ class Dispatcher:
         for scope in list(self._running.values()):
             scope.cancel()
         await self._all_jobs_ended()
-        self._guarded(self._record_unrecorded)
+        self._guarded(self._record_ended)
+        if self.durable is not None and self._to_announce:
+            with contextlib.suppress(StorageUnavailable):
+                await self.durable()
+        self._announce_now()
+
+    def _record_ended(self) -> None:
+        """Record the attempts that ended (no claim: the daemon is stopping)."""
+        with self.store.transaction():
+            ended = [
+                self.store.finish(
+                    e.job.id, e.outcome, now=self.clock(), rng=self.rng, attempt=e.job.attempt
+                )
+                for e in self._finishing
+            ]
+        self._finishing.clear()
+        for job in ended:
+            self._after_finish(job)
 
     async def _all_jobs_ended(self) -> None:
         while self._running:

@@ -355,7 +355,11 @@ WITH heads (seq) AS MATERIALIZED (
 )
 UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, started_at = :now,
     expires_at = NULL,  -- ttl bounds the wait for a first start; retries never expire
-    runner_pid = NULL, runner_start_time = NULL, progress = NULL, progress_message = NULL
+    -- A WARM job's runner is known before the claim (an idle worker of the pool):
+    -- recorded with it, so the job never counts as RUNNING without its process.
+    runner_pid = CASE WHEN execution_mode = 'WARM' THEN :warm_pid END,
+    runner_start_time = CASE WHEN execution_mode = 'WARM' THEN :warm_start_time END,
+    progress = NULL, progress_message = NULL
 WHERE (SELECT count(*) FROM jobs WHERE state = 'RUNNING') < :global_limit
   AND seq = (
     SELECT best.seq FROM heads JOIN jobs AS best ON best.seq = heads.seq
@@ -1124,7 +1128,14 @@ class Store:
 
     # ----------------------------------------------------------------- claim
 
-    def claim_next_job(self, *, now: int, global_limit: int, conditions: Conditions) -> Job | None:
+    def claim_next_job(
+        self,
+        *,
+        now: int,
+        global_limit: int,
+        conditions: Conditions,
+        warm_runner: tuple[int, float] | None = None,
+    ) -> Job | None:
         """Atomically take the best ready job and mark it RUNNING, or return None.
 
         Best: priority DESC, then enqueue order. Ready: time and backoff reached, not
@@ -1135,21 +1146,33 @@ class Store:
         The claim commits without an fsync of its own: a claim lost to a power cut
         leaves the job QUEUED, which is what recovery would make of it anyway (its
         runner died with the machine). The next durable commit covers it.
+
+        `warm_runner` (pid, start time): the idle WARM worker that would run a WARM
+        job; it is recorded with the claim. Other jobs get their runner recorded
+        once their process exists (`record_runner`).
         """
+        pid, start_time = warm_runner if warm_runner is not None else (None, None)
         args = {
             "now": now,
             "global_limit": global_limit,
             "cpu_idle": conditions.cpu_idle,
             "on_ac_power": conditions.on_ac_power,
+            "warm_pid": pid,
+            "warm_start_time": start_time,
         }
         with self._no_fsync(), self._writing():
             rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()
         return _row_to_job(rows[0]) if rows else None
 
+    def transaction(self) -> _Transaction:
+        """`with store.transaction():` makes the store calls inside one transaction
+        (each call's own becomes a savepoint): one commit for several changes."""
+        return self._tx
+
     @contextlib.contextmanager
     def _no_fsync(self):
-        if self._synchronous in ("OFF", "NORMAL") or self.needs_sync:
-            yield  # commits do not fsync here anyway
+        if self._synchronous in ("OFF", "NORMAL") or self.needs_sync or self._db.in_transaction:
+            yield  # commits do not fsync here anyway (or an outer transaction decides)
             return
         self._db.execute("PRAGMA synchronous = NORMAL")
         try:

@@ -22,6 +22,11 @@ re-parented to it and reaped here, so a killed fork bomb's processes do not ling
 zombies holding the user's process slots where init does not reap them. Only the
 exits of the runners it forked are reported.
 
+When the daemon is gone (EOF on the socket, or its PID exits), the zygote stops
+every runner's process group (TERM, then KILL after a grace) before it exits; each
+runner also has SIGKILL as its parent-death signal, should the zygote itself be
+killed.
+
 * Apart from the thread that watches the daemon's PID (runner.watch_parent); a
   forked child has only the forking thread, as POSIX says.
 """
@@ -30,11 +35,14 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import os
 import select
 import signal
 import socket
 import sys
+import threading
+import time
 
 import msgspec
 
@@ -101,11 +109,10 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
             if fd > 2:
                 os.close(fd)
         os.set_inheritable(result_fd, False)
-        os.chdir(request.cwd)
-        os.environ.clear()
-        os.environ.update(request.env)
+        runner.enter_work_dir(request.cwd)
+        runner.set_environment(request.env)
         runner.apply_rlimits(request.rlimits)
-        if not runner.watch_parent(zygote_pid):
+        if not runner.die_with_parent(zygote_pid):
             sys.stderr.write("semantica runner: the zygote is already gone: not starting\n")
             os._exit(1)
         raw = runner._read_spec()
@@ -132,10 +139,52 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
         os._exit(code)
 
 
+_children: set[int] = set()  # the runners forked here, until their exit is reported
+_stopping = threading.Lock()
+
+
+def _stop_children() -> None:
+    """Stop every runner's process group: TERM, then KILL what is left after the
+    grace. From the main loop (EOF) or the parent watch, whichever comes first."""
+    with _stopping:
+        groups = list(_children)
+        if not groups:
+            return
+        for pgid in groups:
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + runner.PARENT_GONE_GRACE_S
+        while groups and time.monotonic() < deadline:
+            time.sleep(0.01)
+            with contextlib.suppress(ChildProcessError):
+                while (pid := os.waitpid(-1, os.WNOHANG)[0]) > 0:
+                    _children.discard(pid)
+            groups = [g for g in groups if _group_exists(g)]
+        for pgid in groups:
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
+        _children.clear()
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _daemon_gone() -> None:
+    _stop_children()
+    os._exit(0)
+
+
 def serve(sock: socket.socket) -> int:
     """The zygote's loop: fork on request, report exits, until the socket closes."""
     zygote_pid = os.getpid()
-    children: set[int] = set()  # the runners forked here, until their exit is reported
+    children = _children
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -152,7 +201,8 @@ def serve(sock: socket.socket) -> int:
                 _report_exits(sock, children)
                 continue
             received = _recv_request(sock)
-            if received is None:
+            if received is None:  # the daemon is gone, or done (then no runner is left)
+                _stop_children()
                 return 0
             data, fds = received
             try:
@@ -211,11 +261,16 @@ def main() -> int:
     if limits:
         runner.apply_rlimits(limits)
     parent = os.environ.pop(runner.PARENT_PID_ENV, None)
-    if parent and not runner.watch_parent(int(parent)):
+    if parent and not runner.watch_parent(int(parent), on_gone=_daemon_gone):
         return 1
     runner._become_subreaper()
     _preload_plugins()
     runner._job_logger()  # the logging machinery, imported once here
+    # What is loaded now is shared with every child until written to. The collector
+    # would write to all of it (a child's first collection copying the whole heap):
+    # frozen, it leaves these objects alone.
+    gc.collect()
+    gc.freeze()
     return serve(sock)
 
 

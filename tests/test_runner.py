@@ -300,6 +300,14 @@ def test_noop_succeeds_with_the_result_on_fd_3(run):
     assert "job job-1 attempt 2: noop" in result.log
 
 
+def test_the_artifacts_directory_is_made_only_for_a_job_that_asks_for_it(run, tmp_path):
+    assert_success(run("noop"))
+    assert not (tmp_path / "artifacts").exists()  # a directory per job costs the disk
+    assert_success(run("context"))  # writes out.txt into ctx.artifacts_dir
+    made = tmp_path / "artifacts" / "job-1"
+    assert made.is_dir() and (made.stat().st_mode & 0o777) == 0o700
+
+
 def test_result_fd_may_be_named_by_the_environment(run):
     assert assert_success(run("noop", fd_from_env=True)) == {"ok": True}
 

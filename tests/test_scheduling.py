@@ -26,9 +26,9 @@ from harness import make_home, remove_home, start_daemon
 
 import semantica
 from semantica import config, protocol
-from semantica.domain import EnqueueRequest, State
+from semantica.domain import EnqueueRequest, Outcome, State
 from semantica.probe import CPU_IDLE_BELOW_PERCENT, FRESH_FOR_S, SAMPLE_EVERY_S, SystemProbe
-from semantica.scheduler import Dispatcher
+from semantica.scheduler import ALL_CONDITIONS, Dispatcher
 from semantica.store import Conditions, JobFilter, Store
 
 WORKERS = 3
@@ -526,8 +526,17 @@ def test_probe_resample_counts_the_cpu_busy_until_a_full_interval_is_measured():
 # --------------------------------------------------------------------------- the dispatcher
 
 
+class NoIdleWorkers:
+    """A WARM pool with no idle worker to reserve for a claim."""
+
+    def reserve(self):
+        return None
+
+
 class HeldLauncher:
     """Starts nothing: every admitted job stays RUNNING until the test ends."""
+
+    warm = NoIdleWorkers()
 
     async def run(self, job, **_):
         await trio.sleep_forever()
@@ -677,3 +686,49 @@ async def test_a_gated_job_waiting_on_its_condition_does_not_spin_the_dispatcher
             nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+class InstantLauncher:
+    """Every attempt ends at once, successfully."""
+
+    warm = NoIdleWorkers()
+
+    async def run(self, job, **_):
+        return Outcome(result_summary={"ok": True})
+
+
+async def test_an_ended_attempt_is_recorded_with_its_successors_claim_and_announced_once_durable(
+    tmp_path,
+):
+    store = Store.open(tmp_path / "meta.db")
+    events: list[tuple[str, str]] = []
+
+    async def durable() -> None:
+        events.append(("durable", ""))
+
+    dispatcher = Dispatcher(
+        store,
+        InstantLauncher(),
+        workers=1,
+        clock=now_ms,
+        conditions=lambda: ALL_CONDITIONS,
+        on_job_changed=lambda job: events.append((job.state.value, job.id)),
+    )
+    dispatcher.durable = durable
+    ids = [store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms()).job.id for _ in range(3)]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(10):
+                while sum(e[0] == "DONE" for e in events) < 3:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        jobs = [store.get(i) for i in ids]
+        store.close()
+    assert all(j.state is State.DONE for j in jobs)
+    for done in (e for e in events if e[0] == "DONE"):
+        # A job's end is told to waiters only after a sync that followed its commit.
+        assert ("durable", "") in events[: events.index(done)]
+    # Each successor started in the look that recorded its predecessor's end.
+    assert [j.started_at for j in jobs[1:]] == [j.finished_at for j in jobs[:-1]]

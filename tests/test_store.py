@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import apsw
 import pytest
@@ -737,3 +738,50 @@ def test_a_batch_supersedes_in_request_order_when_dependents_cascade(store):
     assert store.get(y.id).state is State.SUPERSEDED  # not CANCELLED by the cascade
     assert store.get(x.id).state is State.SUPERSEDED
     assert [r.job.state for r in results] == [State.QUEUED, State.SUPERSEDED, State.QUEUED]
+
+
+def test_a_warm_claim_records_the_reserved_worker_with_the_job(store):
+    warm = enqueue(store, execution_mode="WARM")
+    fresh = enqueue(store, now=NOW + 1)
+    # A WARM job counts as RUNNING only with its process: the reserved worker's.
+    claimed = store.claim_next_job(
+        now=NOW + 2, global_limit=10, conditions=ALL_MET, warm_runner=(4242, 123.5)
+    )
+    assert claimed.id == warm.job.id
+    assert (claimed.runner_pid, claimed.runner_start_time) == (4242, 123.5)
+    # Any other job gets its process recorded once it exists, not the worker's.
+    other = store.claim_next_job(
+        now=NOW + 3, global_limit=10, conditions=ALL_MET, warm_runner=(4242, 123.5)
+    )
+    assert other.id == fresh.job.id and other.runner_pid is None
+
+
+def test_a_finish_frees_its_slot_for_a_claim_in_the_same_transaction(store):
+    first = enqueue(store)
+    second = enqueue(store, now=NOW + 1)
+    job = claim(store, limit=1)
+    with store.transaction():
+        done = store.finish(
+            job.id, Outcome(), now=NOW + 5, rng=random.Random(0), attempt=job.attempt
+        )
+        successor = claim(store, now=NOW + 5, limit=1)
+    assert (done.id, done.state) == (first.job.id, State.DONE)
+    assert successor.id == second.job.id
+    assert store.get(second.job.id).state is State.RUNNING
+
+
+def test_a_failing_transaction_keeps_neither_the_finish_nor_the_claim(store):
+    enqueue(store)
+    second = enqueue(store, now=NOW + 1)
+    job = claim(store, limit=1)
+
+    def look_failing_half_way() -> None:
+        with store.transaction():
+            store.finish(job.id, Outcome(), now=NOW + 5, rng=random.Random(0), attempt=job.attempt)
+            claim(store, now=NOW + 5, limit=1)
+            raise RuntimeError("the look failed half-way")
+
+    with pytest.raises(RuntimeError):
+        look_failing_half_way()
+    assert store.get(job.id).state is State.RUNNING
+    assert store.get(second.job.id).state is State.QUEUED

@@ -232,3 +232,64 @@ def test_the_zygote_survives_a_fork_refused_at_the_process_limit(limited):
         assert c.wait(holder.id, timeout_ms=10_000).state is State.CANCELLED
         only_daemon_and_zygote_left(limited, zygote)
         assert call(c, "os:getppid") == zygote
+
+
+def _running_runner(client, job_id: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job.state is State.RUNNING and job.runner_pid:
+            return job.runner_pid
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never started: {client.get(job_id)}")
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def _wait_gone(pgid: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := _group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def test_a_killed_daemon_takes_its_forked_runners_and_their_children_along():
+    # No restart here: the zygote notices the daemon is gone and stops every runner's
+    # whole group, the background `sleep` the job started included.
+    d = start_daemon(SEMANTICA_WORKERS="2")
+    try:
+        with d.client() as c:
+            job = c.enqueue(job_type="shell", payload={"argv": ["sh", "-c", "sleep 60 & wait"]})
+            runner = _running_runner(c, job.id)
+            deadline = time.monotonic() + 5
+            while len(_group_members(runner)) < 3:  # the runner, sh, and the sleep
+                assert time.monotonic() < deadline, _group_members(runner)
+                time.sleep(0.02)
+        d.kill()
+        assert _wait_gone(runner, 10) == []
+    finally:
+        remove_home(d.home)
+
+
+def test_a_forked_runner_dies_with_the_zygote(daemon):
+    # Its parent-death signal: should the zygote itself be killed, no runner lingers.
+    with daemon.client() as c:
+        job = c.enqueue(job_type="sleep", payload={"seconds": 60}, max_attempts=1)
+        runner = _running_runner(c, job.id)
+        zygote = psutil.Process(runner).ppid()
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(runner) and psutil.Process(runner).status() != "zombie":
+            assert time.monotonic() < deadline, "the runner outlived its zygote"
+            time.sleep(0.02)
+        ended = c.wait(job.id, timeout_ms=10_000)
+    assert ended.state is State.FAILED and ended.error_kind == "signal"

@@ -223,23 +223,17 @@ class Launcher:
         env.update(self._plugin_path())
         read_fd, write_fd = os.pipe()
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
+        log_path = str(self.log_path(job.id))
         try:
-            log_fd = open_job_log(str(self.log_path(job.id)))
-        except BaseException:
-            os.close(read_fd)
-            os.close(write_fd)
-            raise
-        try:
-            proc = await self._start_runner(env, cwd, log_fd, write_fd)
+            proc = await self._start_runner(env, cwd, log_path, write_fd)
         except OSError as exc:  # no process: the process limit (EAGAIN), memory...
             os.close(read_fd)
-            return self._not_started(exc, log_fd)
+            return self._not_started(exc, log_path)
         except BaseException:
             os.close(read_fd)
             raise
         finally:
             os.close(write_fd)
-            os.close(log_fd)
         messages = trio.lowlevel.FdStream(read_fd)
         result: list[Result] = []
         channel_closed = trio.Event()
@@ -276,16 +270,17 @@ class Launcher:
         return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
 
     async def _start_runner(
-        self, env: dict[str, str], cwd: Path, log_fd: int, result_fd: int
+        self, env: dict[str, str], cwd: Path, log_path: str, result_fd: int
     ) -> trio.Process | ZygoteChild:
-        """A fresh runner process: forked by the zygote, or a new interpreter when the
-        zygote is off or unavailable."""
+        """A fresh runner process: forked by the zygote (which opens the job's log
+        itself, off the event loop), or a new interpreter when the zygote is off or
+        unavailable."""
         if self.zygote is not None:
             stdin_r, stdin_w = os.pipe()
             child_env = {k: v for k, v in env.items() if k not in RUNNER_SETUP_VARS}
             try:
                 pid = await self.zygote.spawn(
-                    child_env, cwd, env["SEMANTICA_RLIMITS"], (stdin_r, log_fd, result_fd)
+                    child_env, cwd, log_path, env["SEMANTICA_RLIMITS"], (stdin_r, result_fd)
                 )
             except ZygoteGone:
                 os.close(stdin_w)
@@ -297,25 +292,33 @@ class Launcher:
             finally:
                 os.close(stdin_r)
         os.makedirs(cwd, 0o700, exist_ok=True)
-        return await trio.lowlevel.open_process(
-            # -P: the job's working directory must not shadow our modules on sys.path.
-            [self.python, "-P", "-m", "semantica.runner"],
-            stdin=-1,  # subprocess.PIPE
-            stdout=log_fd,
-            stderr=log_fd,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            pass_fds=(result_fd,),
-            umask=0o077,
-        )
+        log_fd = open_job_log(log_path)
+        try:
+            return await trio.lowlevel.open_process(
+                # -P: the job's working directory must not shadow our modules on sys.path.
+                [self.python, "-P", "-m", "semantica.runner"],
+                stdin=-1,  # subprocess.PIPE
+                stdout=log_fd,
+                stderr=log_fd,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                pass_fds=(result_fd,),
+                umask=0o077,
+            )
+        finally:
+            os.close(log_fd)
 
-    def _not_started(self, exc: OSError, log_fd: int) -> Outcome:
+    def _not_started(self, exc: OSError, log_path: str) -> Outcome:
         """The attempt fails, to be retried by the policy; the job log says why."""
         message = f"the runner could not be started: {exc}"
         log.warning("runner_not_started", error=str(exc))
         with contextlib.suppress(OSError):
-            os.write(log_fd, f"semantica: {message}\n".encode())
+            log_fd = open_job_log(log_path)
+            try:
+                os.write(log_fd, f"semantica: {message}\n".encode())
+            finally:
+                os.close(log_fd)
         return Outcome(error_kind="spawn", error_message=message)
 
     def _plugin_path(self) -> dict[str, str]:
@@ -759,14 +762,17 @@ class Zygote:
         raise ZygoteGone("the zygote did not say it was ready")
 
     async def spawn(
-        self, env: dict[str, str], cwd: Path, rlimits: str, fds: tuple[int, int, int]
+        self, env: dict[str, str], cwd: Path, log_path: str, rlimits: str, fds: tuple[int, int]
     ) -> int:
-        """Fork a runner with these (stdin, log, result) fds; returns its pid."""
+        """Fork a runner with these (stdin, result) fds, its output appended to
+        `log_path`; returns its pid."""
         async with self._request_lock:
             if self.sock is None:
                 await self._start()
             assert self.sock is not None
-            request = _encode({"env": env, "cwd": str(cwd), "rlimits": rlimits})
+            request = _encode(
+                {"env": env, "cwd": str(cwd), "log_path": log_path, "rlimits": rlimits}
+            )
             # Not cancellable half-way: a reply left unread would be taken as the
             # next request's, and a child forked for nobody would run.
             with trio.CancelScope(shield=True):

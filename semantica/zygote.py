@@ -8,8 +8,9 @@ the job's environment, directory, log, resource limits and parent watch, set up
 exactly as `python -m semantica.runner` would.
 
 Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daemon:
-  -> {"env": {...}, "cwd": "...", "rlimits": "<json>"} with three fds (SCM_RIGHTS):
-     the job's stdin (the RunSpec), its log (stdout and stderr), its result channel
+  -> {"env": {...}, "cwd": "...", "log_path": "...", "rlimits": "<json>"} with two
+     fds (SCM_RIGHTS): the job's stdin (the RunSpec) and its result channel; the
+     child makes its working directory and opens its log (stdout and stderr)
   <- {"spawned": pid}          (in request order)
   <- {"failed": "why"}         (instead, when the fork failed: EAGAIN at the process
                                 limit, ENOMEM; that job only, the zygote carries on)
@@ -49,13 +50,14 @@ import msgspec
 from semantica import runner
 
 ZYGOTE_FD_ENV = "SEMANTICA_ZYGOTE_FD"
-FDS_PER_JOB = 3
+FDS_PER_JOB = 2
 MAX_REQUEST_BYTES = 1024 * 1024
 
 
 class SpawnRequest(msgspec.Struct, forbid_unknown_fields=True):
     env: dict[str, str]
     cwd: str
+    log_path: str
     rlimits: str
 
 
@@ -101,7 +103,10 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        stdin_fd, log_fd, result_fd = fds
+        stdin_fd, result_fd = fds
+        log_fd = runner.open_job_log(
+            request.log_path
+        )  # until then, trouble goes to the zygote's stderr
         os.dup2(stdin_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)

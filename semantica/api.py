@@ -225,7 +225,7 @@ class Api:
         self.committer.on_committed = self._after_enqueue
         self.wal_sync = WalSync(store)
         if store.needs_sync:  # how attempts ended is announced once it is on disk
-            self.dispatcher.durable = self.wal_sync.durable
+            self.dispatcher.durable = functools.partial(self.wal_sync.durable, off_loop=True)
         self.checkpointer = Checkpointer(store)
         self.maintenance = Maintenance(
             store,

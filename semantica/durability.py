@@ -39,8 +39,11 @@ class WalSync:
         self._inline = True  # whether the last fsync was quick enough to run on the loop
         self.fsyncs = 0
 
-    async def durable(self) -> None:
-        """Return once every commit made so far is on disk."""
+    async def durable(self, *, off_loop: bool = False) -> None:
+        """Return once every commit made so far is on disk. `off_loop`: always fsync
+        in a worker thread, for a caller in no hurry (the dispatcher announcing ended
+        jobs): the loop goes on dispatching meanwhile, and the commits it makes are
+        covered by the next fsync, one for many."""
         if not self._store.needs_sync:
             return
         wanted = self._store.commits
@@ -59,13 +62,14 @@ class WalSync:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 covers = self._store.commits
                 began = time.perf_counter()
-                if self._inline or not company:
+                if (self._inline or not company) and not off_loop:
                     self._store.sync_wal()
                 else:
                     await trio.to_thread.run_sync(self._store.sync_wal)
                 # A quick fsync is cheaper on the event loop than a thread hop; a slow
                 # disk's goes to a thread, so that reads keep being served meanwhile.
-                self._inline = time.perf_counter() - began < INLINE_FSYNC_MAX_S
+                if not off_loop:
+                    self._inline = time.perf_counter() - began < INLINE_FSYNC_MAX_S
                 self._synced = covers
                 self.fsyncs += 1
             finally:

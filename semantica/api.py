@@ -483,7 +483,10 @@ class Api:
             while not job.is_terminal and not self.draining:
                 await self.watch.wait_for_change(params.id)
                 job = self.store.get(params.id)
-        return self.with_waiting_reason(self.store.get(params.id))
+        job = self.store.get(params.id)
+        if job.is_terminal:  # its end may be committed and not yet synced: sync first
+            await self.wal_sync.durable()
+        return self.with_waiting_reason(job)
 
     # ----------------------------------------------------------------- admin
 

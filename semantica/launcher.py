@@ -188,12 +188,17 @@ class Launcher:
         Cancelling the caller's scope stops the process group (TERM, then KILL)
         before this returns or raises.
         """
-        if not self._tree_made:  # the runners make their own directories in it
-            for d in (self.logs_dir, self.work_dir, self.artifacts_root):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._tree_made = True
-        cwd = self.work_dir / job.id
-        spec = self._spec(job, trace_id)
+        try:
+            if not self._tree_made:  # the runners make their own directories in it
+                for d in (self.logs_dir, self.work_dir, self.artifacts_root):
+                    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._tree_made = True
+            cwd = self.work_dir / job.id
+            spec = self._spec(job, trace_id)
+        except BaseException:
+            if worker is not None:  # reserved for this job, which cannot run: back it goes
+                self.warm.give_back(worker)
+            raise
         if job.execution_mode is ExecutionMode.WARM:
             return await self.warm.run(job, spec, cwd, on_started, on_progress, worker)
         return await self._run_fresh(job, spec, cwd, on_started, on_progress)

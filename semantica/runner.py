@@ -716,8 +716,9 @@ def set_environment(wanted: dict[str, str]) -> None:
 
 def enter_work_dir(path: str) -> None:
     """Make the job's working directory (0700; a retry finds it made) and enter it.
-    Made here, in the runner, not by the daemon: a directory per job costs the disk
-    some time, better spent in the runner than on the daemon's event loop."""
+    Made here, in a forked runner or WARM worker, not on the daemon's event loop: a
+    directory per job costs the disk some time. (A runner started as a new
+    interpreter gets it from the launcher, as its cwd.)"""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:

@@ -94,7 +94,7 @@ class Dispatcher:
         probe = getattr(conditions, "__self__", None)
         self._resample: Callable[[], None] = getattr(probe, "resample", None) or (lambda: None)
         self.wakeups = 0
-        self.claim_latency = Histogram()  # ms per claim transaction
+        self.claim_latency = Histogram()  # ms per claim statement
         self.start_latency = Histogram()  # ms from ready (enqueue, schedule, backoff) to start
 
     # ----------------------------------------------------------------- events
@@ -208,8 +208,8 @@ class Dispatcher:
         return True
 
     def step(self, jobs: trio.Nursery) -> None:
-        """One look: record what could not be, expire what is overdue, then start ready
-        jobs while there is room."""
+        """One look: expire what is overdue, then, in one transaction, record the
+        attempts that ended and claim ready jobs while there is room; start those."""
         now = self.clock()
         # Passed times leave the heap first: if a store call below fails, a passed
         # time left at its head would make the next wait zero (a busy loop).
@@ -329,8 +329,10 @@ class Dispatcher:
     def _start(self, jobs: trio.Nursery, job: Job, worker: WarmWorker | None, now: int) -> None:
         self.start_latency.observe(max(0, now - max(job.created_at, job.run_after)))
         self._running[job.id] = trio.CancelScope()
+        if any(ended.id == job.id for ended in self._to_announce):
+            self._announce_now(job.id)  # a retry due at once: its last end comes first
         trace_id = self._trace_begin(job, now)
-        self.on_job_changed(job)
+        self._tell(job)
         jobs.start_soon(self._run_job, job, trace_id, worker)
 
     def _trace_begin(self, job: Job, now: int) -> str | None:
@@ -359,22 +361,45 @@ class Dispatcher:
         self._announce.set()
 
     async def _announce_ended(self) -> None:
-        """Tell waiters and the log how attempts ended, once that is on disk."""
+        """Tell waiters and the log how attempts ended, once that is on disk: the
+        ends recorded so far are taken first, then synced, so a sync covers every
+        end it announces (those recorded meanwhile wait for the next)."""
         while True:
             await self._announce.wait()
             self._announce = trio.Event()
+            batch, self._to_announce = self._to_announce, []
             if self.durable is not None:
                 try:
                     await self.durable()
-                except StorageUnavailable as exc:  # announced all the same: it is committed
+                except StorageUnavailable as exc:
+                    # Committed, not known to be on disk: told all the same (waiters
+                    # would otherwise hang), and the log says so.
                     log.warning("job_outcome_not_synced", error=str(exc))
-            self._announce_now()
+            self._announce_jobs(batch)
 
-    def _announce_now(self) -> None:
-        ended, self._to_announce = self._to_announce, []
-        for job in ended:
-            self.on_job_changed(job)
+    def _announce_now(self, job_id: str | None = None) -> None:
+        """Announce the ends not yet told (only `job_id`'s, if given) without waiting
+        for the sync: the daemon is stopping, or that job starts again at once and its
+        last end must be told before its new start."""
+        if job_id is None:
+            ended, self._to_announce = self._to_announce, []
+        else:
+            ended = [job for job in self._to_announce if job.id == job_id]
+            self._to_announce = [job for job in self._to_announce if job.id != job_id]
+        self._announce_jobs(ended)
+
+    def _announce_jobs(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._tell(job)
             self._trace_end(job)
+
+    def _tell(self, job: Job) -> None:
+        """Waiters, metrics and the log learn of a change: their trouble is logged,
+        never allowed to stop the dispatcher."""
+        try:
+            self.on_job_changed(job)
+        except Exception as exc:
+            log.error("job_change_not_announced", job_id=job.id, error=repr(exc), exc_info=True)
 
     def _seconds_to_next_due(self) -> float:
         if not self._due:
@@ -424,7 +449,7 @@ class Dispatcher:
             return
         if ended.state is State.QUEUED:
             log.event("job_requeued", job_id=job.id, reason="daemon stopping")
-        self.on_job_changed(ended)
+        self._tell(ended)
         self._trace_end(ended)
 
     async def drain(self, grace_s: float) -> None:

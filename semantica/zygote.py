@@ -104,9 +104,14 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         stdin_fd, result_fd = fds
-        log_fd = runner.open_job_log(
-            request.log_path
-        )  # until then, trouble goes to the zygote's stderr
+        try:
+            log_fd = runner.open_job_log(request.log_path)
+        except OSError as exc:  # the attempt fails (and is retried) saying why
+            message = f"the runner could not open the job log {request.log_path}: {exc}"
+            runner.ResultChannel(result_fd).send(
+                runner.Result(error_kind="spawn", error_message=message)
+            )
+            os._exit(0)
         os.dup2(stdin_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
@@ -145,13 +150,16 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
 
 
 _children: set[int] = set()  # the runners forked here, until their exit is reported
-_stopping = threading.Lock()
+_stopping = threading.Lock()  # held to fork, and to stop the runners
+_stopped = False
 
 
 def _stop_children() -> None:
     """Stop every runner's process group: TERM, then KILL what is left after the
     grace. From the main loop (EOF) or the parent watch, whichever comes first."""
+    global _stopped
     with _stopping:
+        _stopped = True
         groups = list(_children)
         if not groups:
             return
@@ -187,7 +195,16 @@ def _daemon_gone() -> None:
 
 
 def serve(sock: socket.socket) -> int:
-    """The zygote's loop: fork on request, report exits, until the socket closes."""
+    """The zygote's loop: fork on request, report exits, until the socket closes or
+    can no longer be written (the daemon is gone either way: the runners are stopped)."""
+    try:
+        return _serve(sock)
+    except (BrokenPipeError, ConnectionError):
+        _stop_children()
+        return 0
+
+
+def _serve(sock: socket.socket) -> int:
     zygote_pid = os.getpid()
     children = _children
     wake_r, wake_w = os.pipe()
@@ -219,19 +236,22 @@ def serve(sock: socket.socket) -> int:
                     os.close(fd)
                 sock.sendall(_encode({"refused": str(exc)}))
                 continue
-            try:
-                pid = os.fork()
-            except OSError as exc:  # EAGAIN at the process limit, ENOMEM: this job only
-                for fd in fds:
-                    os.close(fd)
-                sock.sendall(_encode({"failed": f"fork failed: {exc}"}))
-                continue
-            if pid == 0:
-                sock.close()
-                os.close(wake_r)
-                os.close(wake_w)
-                _child(request, fds, zygote_pid)
-            children.add(pid)
+            with _stopping:  # no fork while the runners are being stopped, or after
+                try:
+                    if _stopped:
+                        raise OSError("the zygote is stopping: the daemon is gone")
+                    pid = os.fork()
+                except OSError as exc:  # EAGAIN at the process limit, ENOMEM: this job only
+                    for fd in fds:
+                        os.close(fd)
+                    sock.sendall(_encode({"failed": f"fork failed: {exc}"}))
+                    continue
+                if pid == 0:
+                    sock.close()
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    _child(request, fds, zygote_pid)
+                children.add(pid)
             for fd in fds:
                 os.close(fd)
             sock.sendall(_encode({"spawned": pid}))

@@ -732,3 +732,47 @@ async def test_an_ended_attempt_is_recorded_with_its_successors_claim_and_announ
         assert ("durable", "") in events[: events.index(done)]
     # Each successor started in the look that recorded its predecessor's end.
     assert [j.started_at for j in jobs[1:]] == [j.finished_at for j in jobs[:-1]]
+
+
+class FailsOnceLauncher:
+    """The first attempt of every job fails, asking to be retried at once."""
+
+    warm = NoIdleWorkers()
+
+    async def run(self, job, **_):
+        if job.attempt == 1:
+            return Outcome(error_kind="retryable", error_message="again", retry_after_ms=0)
+        return Outcome(result_summary={"ok": True})
+
+
+async def test_a_retry_due_at_once_is_told_after_the_end_of_the_attempt_before_it(tmp_path):
+    store = Store.open(tmp_path / "meta.db")
+    told: list[tuple[str, int]] = []
+    released = trio.Event()
+
+    async def slow_durable() -> None:  # the sync of the first end is still going on
+        await released.wait()
+
+    dispatcher = Dispatcher(
+        store,
+        FailsOnceLauncher(),
+        workers=1,
+        clock=now_ms,
+        conditions=lambda: ALL_CONDITIONS,
+        on_job_changed=lambda job: told.append((job.state.value, job.attempt)),
+    )
+    dispatcher.durable = slow_durable
+    store.enqueue(EnqueueRequest(job_type="noop", max_attempts=3), now=now_ms())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(10):
+                while ("RUNNING", 2) not in told:
+                    await trio.sleep(0.01)
+                released.set()
+                while ("DONE", 2) not in told:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    assert told == [("RUNNING", 1), ("QUEUED", 1), ("RUNNING", 2), ("DONE", 2)]

@@ -610,6 +610,7 @@ def main_warm() -> int:
         sys.stderr.write("semantica runner: the daemon is already gone: not starting\n")
         return 1
     _become_subreaper()
+    run_as_batch()
     control = os.fdopen(os.dup(0), "rb", buffering=0)
     os.set_inheritable(control.fileno(), False)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -631,6 +632,18 @@ def main_warm() -> int:
         if stopping:  # cancelled or past its deadline: the daemon stops this worker
             break
     return 0
+
+
+def run_as_batch() -> None:
+    """Linux: schedule this process (and what it forks) as SCHED_BATCH, the policy
+    for non-interactive work. Its CPU share is unchanged (same nice value); only a
+    runner woken by the daemon no longer preempts the daemon on its CPU, which here
+    cost the daemon a third of its time while it handed out jobs."""
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is None:
+        return
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, batch, os.sched_param(0))
 
 
 def _become_subreaper() -> None:

@@ -289,6 +289,7 @@ def main() -> int:
     if parent and not runner.watch_parent(int(parent), on_gone=_daemon_gone):
         return 1
     runner._become_subreaper()
+    runner.run_as_batch()  # and so every runner it forks
     _preload_plugins()
     runner._job_logger()  # the logging machinery, imported once here
     # What is loaded now is shared with every child until written to. The collector

@@ -4,6 +4,7 @@ a job leaves a process behind; replaced when one dies, overruns or is cancelled.
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -180,3 +181,10 @@ def test_a_worker_signalled_by_its_own_job_is_not_given_the_next_one():
     finally:
         d.stop()
         remove_home(d.home)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_a_warm_worker_runs_as_batch_work(client):
+    # So that handing it a job does not preempt the daemon on its CPU.
+    job = run(client, payload={"callable": "os:sched_getscheduler", "args": [0]})
+    assert job.state is State.DONE and job.result_summary == os.SCHED_BATCH

@@ -293,3 +293,9 @@ def test_a_forked_runner_dies_with_the_zygote(daemon):
             time.sleep(0.02)
         ended = c.wait(job.id, timeout_ms=10_000)
     assert ended.state is State.FAILED and ended.error_kind == "signal"
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_a_forked_runner_runs_as_batch_work(daemon):
+    with daemon.client() as c:
+        assert call(c, "os:sched_getscheduler", 0) == os.SCHED_BATCH

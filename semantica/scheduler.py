@@ -252,9 +252,7 @@ class Dispatcher:
                 # At `now`, as the claims: a successor never starts before its
                 # predecessor's end.
                 ended = [
-                    self.store.finish(
-                        e.job.id, e.outcome, now=now, rng=self.rng, attempt=e.job.attempt
-                    )
+                    self.store.finish(e.job.id, e.outcome, now=now, rng=self.rng, claimed=e.job)
                     for e in finishing
                 ]
                 if claiming:
@@ -477,7 +475,7 @@ class Dispatcher:
         with self.store.transaction():
             ended = [
                 self.store.finish(
-                    e.job.id, e.outcome, now=self.clock(), rng=self.rng, attempt=e.job.attempt
+                    e.job.id, e.outcome, now=self.clock(), rng=self.rng, claimed=e.job
                 )
                 for e in self._finishing
             ]

@@ -394,6 +394,7 @@ UPDATE jobs SET state = :state, run_after = :run_after,
     result_summary = :result_summary, artifacts = :artifacts,
     runner_pid = NULL, runner_start_time = NULL
 WHERE id = :id AND {_moving(State.DONE, State.RUNNING)}
+  AND (:attempt IS NULL OR attempt = :attempt)
 RETURNING {JOB_COLUMNS}
 """
 
@@ -1207,15 +1208,24 @@ class Store:
         now: int,
         rng: random.Random,
         attempt: int | None = None,
+        claimed: Job | None = None,
     ) -> Job:
         """Record how a RUNNING job's attempt ended: DONE, retry later, FAILED or SUPERSEDED.
 
         A job that was cancelled or superseded while it ran keeps that final state:
         the attempt's outcome is no longer wanted and is dropped. So is a report for
         another `attempt` than the job's current one (a late or duplicate report).
+
+        `claimed`: the job as its claim returned it (the dispatcher has it), so that
+        it need not be read again; what can change since (a cancel, a supersede) is
+        checked by the UPDATE itself, and then the job is read as it is now.
         """
         with self._writing():
-            job = self._get(job_id)
+            if claimed is not None and claimed.state is State.RUNNING:
+                job = claimed
+                attempt = claimed.attempt
+            else:
+                job = self._get(job_id)
             if job.is_terminal or (attempt is not None and attempt != job.attempt):
                 return job
             newer = self._newer_request_exists(job)
@@ -1242,8 +1252,11 @@ class Store:
                     if outcome.result_summary is None
                     else _json_encode(outcome.result_summary),
                     "artifacts": _json_encode(outcome.artifacts),
+                    "attempt": attempt,
                 },
             ).fetchall()
+            if not rows:  # it changed since the claim: cancelled, superseded, or retried
+                return self._get(job_id)
             if state in (State.FAILED, State.SUPERSEDED):
                 self._cancel_dependents([job_id], now)
             return _row_to_job(rows[0])

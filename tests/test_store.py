@@ -785,3 +785,20 @@ def test_a_failing_transaction_keeps_neither_the_finish_nor_the_claim(store):
         look_failing_half_way()
     assert store.get(job.id).state is State.RUNNING
     assert store.get(second.job.id).state is State.QUEUED
+
+
+def test_finishing_from_the_claimed_job_leaves_a_job_cancelled_meanwhile_alone(store):
+    enqueue(store)
+    job = claim(store)
+    store.cancel(job_id=job.id, now=NOW + 1)
+    # The dispatcher's copy still says RUNNING: the UPDATE finds the job moved on.
+    ended = store.finish(job.id, Outcome(), now=NOW + 2, rng=random.Random(0), claimed=job)
+    assert ended.state is State.CANCELLED and ended.finished_at == NOW + 1
+    assert store.get(job.id).state is State.CANCELLED
+
+
+def test_finishing_from_the_claimed_job_records_the_outcome(store):
+    enqueue(store, max_attempts=2)
+    job = claim(store)
+    ended = store.finish(job.id, fail(), now=NOW + 2, rng=random.Random(0), claimed=job)
+    assert ended.state is State.QUEUED and ended.attempt == 1 and ended.error_kind == "exception"

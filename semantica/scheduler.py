@@ -84,7 +84,9 @@ class Dispatcher:
         # claims their successors); `late` once the store has refused them.
         self._finishing: list[_Ended] = []
         # Recorded, to be announced (waiters, logs) once on disk.
-        self._to_announce: list[Job] = []
+        # (job, whether to tell of it: not when the cancel or supersede that stopped it
+        # was told already)
+        self._to_announce: list[tuple[Job, bool]] = []
         self._announce = trio.Event()
         # Awaited before announcing ended jobs (the daemon's group fsync), if set.
         self.durable: Callable[[], Awaitable[None]] | None = None
@@ -275,7 +277,7 @@ class Dispatcher:
         for e, job in zip(finishing, ended, strict=True):
             if e.late:
                 log.event("job_finish_recorded_late", job_id=job.id, state=job.state.value)
-            self._after_finish(job)
+            self._after_finish(job, e.outcome)
         for job, worker in claimed:
             self._start(jobs, job, worker, now)
         if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
@@ -330,7 +332,7 @@ class Dispatcher:
     def _start(self, jobs: trio.Nursery, job: Job, worker: WarmWorker | None, now: int) -> None:
         self.start_latency.observe(max(0, now - max(job.created_at, job.run_after)))
         self._running[job.id] = trio.CancelScope()
-        if any(ended.id == job.id for ended in self._to_announce):
+        if any(ended.id == job.id for ended, _tell in self._to_announce):
             self._announce_now(job.id)  # a retry due at once: its last end comes first
         trace_id = self._trace_begin(job, now)
         self._tell(job)
@@ -354,11 +356,17 @@ class Dispatcher:
         except Exception as exc:
             log.warning("tracing_failed", job_id=job.id, error=repr(exc))
 
-    def _after_finish(self, ended: Job) -> None:
+    def _after_finish(self, ended: Job, outcome: Outcome | None = None) -> None:
         self._look_everywhere = True  # its worker slot, and maybe its key, are free now
         if ended.state is State.QUEUED:
             self.due_at(ended.run_after)
-        self._to_announce.append(ended)
+        # A job stopped because it was cancelled or superseded: that change was told
+        # by the request that made it (and the finish left the job as it was).
+        told = outcome is CANCELLED_WHILE_RUNNING and ended.state in (
+            State.CANCELLED,
+            State.SUPERSEDED,
+        )
+        self._to_announce.append((ended, not told))
         self._announce.set()
 
     async def _announce_ended(self) -> None:
@@ -388,13 +396,14 @@ class Dispatcher:
         if job_id is None:
             ended, self._to_announce = self._to_announce, []
         else:
-            ended = [job for job in self._to_announce if job.id == job_id]
-            self._to_announce = [job for job in self._to_announce if job.id != job_id]
+            ended = [entry for entry in self._to_announce if entry[0].id == job_id]
+            self._to_announce = [entry for entry in self._to_announce if entry[0].id != job_id]
         self._announce_jobs(ended)
 
-    def _announce_jobs(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            self._tell(job)
+    def _announce_jobs(self, entries: list[tuple[Job, bool]]) -> None:
+        for job, tell in entries:
+            if tell:
+                self._tell(job)
             self._trace_end(job)
 
     def _tell(self, job: Job) -> None:
@@ -479,9 +488,9 @@ class Dispatcher:
                 )
                 for e in self._finishing
             ]
+        for e, job in zip(self._finishing, ended, strict=True):
+            self._after_finish(job, e.outcome)
         self._finishing.clear()
-        for job in ended:
-            self._after_finish(job)
 
     async def _all_jobs_ended(self) -> None:
         while self._running:

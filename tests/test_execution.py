@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -209,6 +210,19 @@ def test_cancelling_a_running_job_stops_its_process(client):
     while psutil.pid_exists(running.runner_pid) and not is_zombie(running.runner_pid):
         assert time.monotonic() < deadline, "the cancelled job's runner is still alive"
         time.sleep(0.05)
+
+
+def test_a_cancelled_running_job_is_logged_cancelled_once(daemon, client):
+    job = client.enqueue(job_type="sleep", payload={"seconds": 30})
+    wait_until_running(client, job.id)
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout_ms=10_000).state is State.CANCELLED
+    done = client.enqueue(job_type="noop")  # the stopped attempt is recorded before this ends
+    client.wait(done.id, timeout_ms=10_000)
+    time.sleep(0.1)  # the announcer's batch
+    events = [json.loads(ln) for ln in daemon.log().splitlines() if job.id in ln]
+    told = [e for e in events if e.get("event") == "job_state_changed"]
+    assert [e["state"] for e in told] == ["RUNNING", "CANCELLED"], told
 
 
 def test_a_runner_killed_with_sigkill_is_retried(client, helpers, tmp_path):

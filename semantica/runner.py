@@ -570,6 +570,7 @@ def main() -> int:
     if parent and not watch_parent(int(parent)):
         sys.stderr.write("semantica runner: the daemon is already gone: not starting\n")
         return 1
+    run_as_batch()
     raw = _read_spec()
     try:
         spec = _decode_spec(raw)

@@ -22,7 +22,7 @@ from semantica.domain import ExecutionMode, Job, Outcome, State
 from semantica.launcher import Launcher, WarmWorker, kill_orphaned_runner
 from semantica.metrics import Histogram
 from semantica.probe import SAMPLE_EVERY_S
-from semantica.store import Conditions, StorageUnavailable, Store
+from semantica.store import Conditions, NotFound, StorageUnavailable, Store
 from semantica.tracing import JobTracing
 
 ALL_CONDITIONS = Conditions(cpu_idle=True, on_ac_power=True)
@@ -253,10 +253,7 @@ class Dispatcher:
             with self.store.transaction():
                 # At `now`, as the claims: a successor never starts before its
                 # predecessor's end.
-                ended = [
-                    self.store.finish(e.job.id, e.outcome, now=now, rng=self.rng, claimed=e.job)
-                    for e in finishing
-                ]
+                ended = [self._record(e, now) for e in finishing]
                 if claiming:
                     offered = self._claim(now, offered, claimed)
         except BaseException:
@@ -274,10 +271,12 @@ class Dispatcher:
                     )
             raise
         del self._finishing[: len(finishing)]
-        for e, job in zip(finishing, ended, strict=True):
+        for e, end in zip(finishing, ended, strict=True):
+            if end is None:
+                continue
             if e.late:
-                log.event("job_finish_recorded_late", job_id=job.id, state=job.state.value)
-            self._after_finish(job, e.outcome)
+                log.event("job_finish_recorded_late", job_id=e.job.id, state=end[0].state.value)
+            self._after_finish(*end)
         for job, worker in claimed:
             self._start(jobs, job, worker, now)
         if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
@@ -356,17 +355,24 @@ class Dispatcher:
         except Exception as exc:
             log.warning("tracing_failed", job_id=job.id, error=repr(exc))
 
-    def _after_finish(self, ended: Job, outcome: Outcome | None = None) -> None:
+    def _record(self, e: _Ended, now: int) -> tuple[Job, bool] | None:
+        """Record one ended attempt: (the job now, whether this changed it), or None
+        if the job is gone (deleted meanwhile: nothing is left to record)."""
+        try:
+            return self.store.record_end(e.job.id, e.outcome, now=now, rng=self.rng, claimed=e.job)
+        except NotFound:
+            log.warning(
+                "job_end_dropped", job_id=e.job.id, reason="the job was deleted while it ran"
+            )
+            return None
+
+    def _after_finish(self, ended: Job, changed: bool = True) -> None:
         self._look_everywhere = True  # its worker slot, and maybe its key, are free now
         if ended.state is State.QUEUED:
             self.due_at(ended.run_after)
-        # A job stopped because it was cancelled or superseded: that change was told
-        # by the request that made it (and the finish left the job as it was).
-        told = outcome is CANCELLED_WHILE_RUNNING and ended.state in (
-            State.CANCELLED,
-            State.SUPERSEDED,
-        )
-        self._to_announce.append((ended, not told))
+        # Unchanged: the job had moved on (cancelled, superseded), and the request that
+        # moved it told of that already. Only its trace is left to end.
+        self._to_announce.append((ended, changed))
         self._announce.set()
 
     async def _announce_ended(self) -> None:
@@ -462,7 +468,8 @@ class Dispatcher:
             return
         if ended.state is State.QUEUED:
             log.event("job_requeued", job_id=job.id, reason="daemon stopping")
-        self._tell(ended)
+        if ended.state is not State.CANCELLED:  # else the cancel told of it already
+            self._tell(ended)
         self._trace_end(ended)
 
     async def drain(self, grace_s: float) -> None:
@@ -482,15 +489,11 @@ class Dispatcher:
     def _record_ended(self) -> None:
         """Record the attempts that ended (no claim: the daemon is stopping)."""
         with self.store.transaction():
-            ended = [
-                self.store.finish(
-                    e.job.id, e.outcome, now=self.clock(), rng=self.rng, claimed=e.job
-                )
-                for e in self._finishing
-            ]
-        for e, job in zip(self._finishing, ended, strict=True):
-            self._after_finish(job, e.outcome)
+            ended = [self._record(e, self.clock()) for e in self._finishing]
         self._finishing.clear()
+        for end in ended:
+            if end is not None:
+                self._after_finish(*end)
 
     async def _all_jobs_ended(self) -> None:
         while self._running:

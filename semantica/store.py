@@ -1208,17 +1208,31 @@ class Store:
         now: int,
         rng: random.Random,
         attempt: int | None = None,
-        claimed: Job | None = None,
     ) -> Job:
         """Record how a RUNNING job's attempt ended: DONE, retry later, FAILED or SUPERSEDED.
 
         A job that was cancelled or superseded while it ran keeps that final state:
         the attempt's outcome is no longer wanted and is dropped. So is a report for
         another `attempt` than the job's current one (a late or duplicate report).
+        """
+        return self.record_end(job_id, outcome, now=now, rng=rng, attempt=attempt)[0]
+
+    def record_end(
+        self,
+        job_id: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        rng: random.Random,
+        attempt: int | None = None,
+        claimed: Job | None = None,
+    ) -> tuple[Job, bool]:
+        """`finish`, also saying whether this changed the job (False: it had moved on,
+        cancelled or superseded meanwhile, and is returned as it is).
 
         `claimed`: the job as its claim returned it (the dispatcher has it), so that
-        it need not be read again; what can change since (a cancel, a supersede) is
-        checked by the UPDATE itself, and then the job is read as it is now.
+        it need not be read again (its attempt is the one meant); what can change
+        since (a cancel, a supersede) is checked by the UPDATE itself.
         """
         with self._writing():
             if claimed is not None and claimed.state is State.RUNNING:
@@ -1227,7 +1241,7 @@ class Store:
             else:
                 job = self._get(job_id)
             if job.is_terminal or (attempt is not None and attempt != job.attempt):
-                return job
+                return job, False
             newer = self._newer_request_exists(job)
             state, run_after = domain.state_after_attempt(
                 job, outcome, newer_request_exists=newer, now_ms=now, rng=rng
@@ -1256,10 +1270,10 @@ class Store:
                 },
             ).fetchall()
             if not rows:  # it changed since the claim: cancelled, superseded, or retried
-                return self._get(job_id)
+                return self._get(job_id), False
             if state in (State.FAILED, State.SUPERSEDED):
                 self._cancel_dependents([job_id], now)
-            return _row_to_job(rows[0])
+            return _row_to_job(rows[0]), True
 
     def requeue(self, job_id: str, *, now: int, attempt: int) -> Job:
         """Put a RUNNING job back in its queue without counting the attempt (the daemon

@@ -776,3 +776,36 @@ async def test_a_retry_due_at_once_is_told_after_the_end_of_the_attempt_before_i
     finally:
         store.close()
     assert told == [("RUNNING", 1), ("QUEUED", 1), ("RUNNING", 2), ("DONE", 2)]
+
+
+async def test_the_end_of_a_job_deleted_while_it_ran_does_not_stall_the_dispatcher(tmp_path):
+    store = Store.open(tmp_path / "meta.db")
+
+    class DeletingLauncher:
+        warm = NoIdleWorkers()
+
+        async def run(self, job, **_):
+            if job.user_tag == "doomed":  # cancelled, then removed by maintenance
+                store.cancel(job_id=job.id, now=now_ms())
+                store.delete_jobs([job.id])
+            return Outcome(result_summary={"ok": True})
+
+    dispatcher = Dispatcher(
+        store,
+        DeletingLauncher(),
+        workers=1,
+        clock=now_ms,
+        conditions=lambda: ALL_CONDITIONS,
+        on_job_changed=lambda job: None,
+    )
+    store.enqueue(EnqueueRequest(job_type="noop", user_tag="doomed"), now=now_ms())
+    after = store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms() + 1).job.id
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(10):
+                while store.get(after).state is not State.DONE:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()

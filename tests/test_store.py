@@ -792,13 +792,27 @@ def test_finishing_from_the_claimed_job_leaves_a_job_cancelled_meanwhile_alone(s
     job = claim(store)
     store.cancel(job_id=job.id, now=NOW + 1)
     # The dispatcher's copy still says RUNNING: the UPDATE finds the job moved on.
-    ended = store.finish(job.id, Outcome(), now=NOW + 2, rng=random.Random(0), claimed=job)
-    assert ended.state is State.CANCELLED and ended.finished_at == NOW + 1
+    ended, changed = store.record_end(
+        job.id, Outcome(), now=NOW + 2, rng=random.Random(0), claimed=job
+    )
+    assert ended.state is State.CANCELLED and ended.finished_at == NOW + 1 and not changed
     assert store.get(job.id).state is State.CANCELLED
 
 
 def test_finishing_from_the_claimed_job_records_the_outcome(store):
     enqueue(store, max_attempts=2)
     job = claim(store)
-    ended = store.finish(job.id, fail(), now=NOW + 2, rng=random.Random(0), claimed=job)
+    ended, changed = store.record_end(
+        job.id, fail(), now=NOW + 2, rng=random.Random(0), claimed=job
+    )
     assert ended.state is State.QUEUED and ended.attempt == 1 and ended.error_kind == "exception"
+    assert changed
+
+
+def test_the_end_of_a_job_deleted_while_it_ran_is_not_found(store):
+    enqueue(store)
+    job = claim(store)
+    store.cancel(job_id=job.id, now=NOW + 1)
+    store.delete_jobs([job.id])  # maintenance, with a retention of 0 days
+    with pytest.raises(NotFound):
+        store.record_end(job.id, Outcome(), now=NOW + 2, rng=random.Random(0), claimed=job)

@@ -111,6 +111,8 @@ def test_zygote_off_starts_a_new_interpreter_per_job():
     try:
         with d.client() as c:
             assert call(c, "os:getppid") == d.proc.pid
+            if hasattr(os, "SCHED_BATCH"):  # batch work on this path too
+                assert call(c, "os:sched_getscheduler", 0) == os.SCHED_BATCH
     finally:
         d.stop()
         remove_home(d.home)

@@ -230,7 +230,7 @@ class Launcher:
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
         log_path = str(self.log_path(job.id))
         try:
-            proc = await self._start_runner(env, cwd, log_path, write_fd)
+            proc, unsent = await self._start_runner(env, cwd, log_path, write_fd, _encode(spec))
         except OSError as exc:  # no process: the process limit (EAGAIN), memory...
             os.close(read_fd)
             return self._not_started(exc, log_path)
@@ -247,7 +247,8 @@ class Launcher:
             # Inside the try: if the PID cannot be recorded, the runner is stopped.
             on_started(proc.pid, process_start_time(proc.pid) or 0.0)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._feed_spec, proc, spec)
+                if unsent:
+                    nursery.start_soon(self._feed_spec, proc, unsent)
                 nursery.start_soon(
                     self._read_messages, messages, on_progress, result, channel_closed
                 )
@@ -275,31 +276,46 @@ class Launcher:
         return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
 
     async def _start_runner(
-        self, env: dict[str, str], cwd: Path, log_path: str, result_fd: int
-    ) -> trio.Process | ZygoteChild:
-        """A fresh runner process: forked by the zygote (which opens the job's log
-        itself, off the event loop), or a new interpreter when the zygote is off or
-        unavailable."""
+        self, env: dict[str, str], cwd: Path, log_path: str, result_fd: int, spec: bytes
+    ) -> tuple[trio.Process | ZygoteChild, bytes]:
+        """A fresh runner process and what of its `spec` is still to be written to its
+        stdin: forked by the zygote (which opens the job's log itself, off the event
+        loop), or a new interpreter when the zygote is off or unavailable."""
         if self.zygote is not None:
             stdin_r, stdin_w = os.pipe()
+            # The spec goes into the pipe now (it holds 64 KiB: all of most specs), so
+            # the child reads it at once instead of waiting for the fork's reply.
+            os.set_blocking(stdin_w, False)
+            try:
+                written = os.write(stdin_w, spec)
+            except BlockingIOError:
+                written = 0
+            stdin: trio.lowlevel.FdStream | None = None
+            if written == len(spec):
+                os.close(stdin_w)
+            else:
+                stdin = trio.lowlevel.FdStream(stdin_w)
             child_env = {k: v for k, v in env.items() if k not in RUNNER_SETUP_VARS}
             try:
                 pid = await self.zygote.spawn(
                     child_env, cwd, log_path, env["SEMANTICA_RLIMITS"], (stdin_r, result_fd)
                 )
             except ZygoteGone:
-                os.close(stdin_w)
+                if stdin is not None:
+                    await stdin.aclose()
             except BaseException:
-                os.close(stdin_w)
+                if stdin is not None:
+                    with trio.CancelScope(shield=True):
+                        await stdin.aclose()
                 raise
             else:
-                return self.zygote.child(pid, trio.lowlevel.FdStream(stdin_w))
+                return self.zygote.child(pid, stdin), spec[written:]
             finally:
                 os.close(stdin_r)
         os.makedirs(cwd, 0o700, exist_ok=True)
         log_fd = open_job_log(log_path)
         try:
-            return await trio.lowlevel.open_process(
+            proc = await trio.lowlevel.open_process(
                 # -P: the job's working directory must not shadow our modules on sys.path.
                 [self.python, "-P", "-m", "semantica.runner"],
                 stdin=-1,  # subprocess.PIPE
@@ -313,6 +329,7 @@ class Launcher:
             )
         finally:
             os.close(log_fd)
+        return proc, spec
 
     def _not_started(self, exc: OSError, log_path: str) -> Outcome:
         """The attempt fails, to be retried by the policy; the job log says why."""
@@ -348,10 +365,10 @@ class Launcher:
     def cpu_seconds(self, job: Job) -> int:
         return math.ceil(job.deadline_ms / 1000) + self.limits.cpu_slack_s
 
-    async def _feed_spec(self, proc: trio.Process, spec: RunSpec) -> None:
+    async def _feed_spec(self, proc: trio.Process | ZygoteChild, spec: bytes) -> None:
         assert proc.stdin is not None
         try:
-            await proc.stdin.send_all(_encode(spec))
+            await proc.stdin.send_all(spec)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the runner died before reading: its exit status tells why
         finally:
@@ -677,7 +694,7 @@ class WarmPool:
 class ZygoteChild:
     """A runner forked by the zygote: what the launcher needs of a trio.Process."""
 
-    def __init__(self, pid: int, stdin: trio.lowlevel.FdStream, zygote: Zygote) -> None:
+    def __init__(self, pid: int, stdin: trio.lowlevel.FdStream | None, zygote: Zygote) -> None:
         self.pid = pid
         self.stdin = stdin
         self.returncode: int | None = None
@@ -804,7 +821,7 @@ class Zygote:
                 await self._died(f"no reply from the zygote in {ZYGOTE_REPLY_TIMEOUT_S:g} s")
                 raise AssertionError("unreachable: _died raises")
 
-    def child(self, pid: int, stdin: trio.lowlevel.FdStream) -> ZygoteChild:
+    def child(self, pid: int, stdin: trio.lowlevel.FdStream | None) -> ZygoteChild:
         proc = ZygoteChild(pid, stdin, self)
         if pid in self._early_exits:
             proc.returncode = self._early_exits.pop(pid)

@@ -301,3 +301,10 @@ def test_a_forked_runner_dies_with_the_zygote(daemon):
 def test_a_forked_runner_runs_as_batch_work(daemon):
     with daemon.client() as c:
         assert call(c, "os:sched_getscheduler", 0) == os.SCHED_BATCH
+
+
+def test_a_spec_larger_than_the_pipe_reaches_a_forked_runner_whole(daemon):
+    # Most specs are written into the runner's stdin before the fork; this one does
+    # not fit in the pipe, and the rest follows once the runner reads.
+    with daemon.client() as c:
+        assert call(c, "builtins:len", "x" * 300_000) == 300_000

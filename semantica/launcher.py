@@ -69,32 +69,11 @@ def runner_environment(
 
 
 def process_start_time(pid: int) -> float | None:
-    """The process's start time (seconds since the epoch), to tell a reused PID apart:
-    the value of psutil's `create_time()`, read straight from /proc on Linux with the
-    boot time read once (psutil reads it again for every call: three times slower)."""
-    if sys.platform == "linux":
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            # Fields after the command (which may hold spaces): starttime is the 22nd.
-            ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
-            return _boot_time() + ticks / _CLOCK_TICKS
-        except (OSError, ValueError, IndexError):
-            return None
+    """The process's start time (seconds since the epoch), to tell a reused PID apart."""
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_boot: list[float] = []
-
-
-def _boot_time() -> float:
-    if not _boot:
-        _boot.append(psutil.boot_time())
-    return _boot[0]
 
 
 def kill_process_group(pgid: int, sig: int) -> bool:
@@ -264,7 +243,6 @@ class Launcher:
         result: list[Result] = []
         channel_closed = trio.Event()
         deadline_hit = False
-        reported = False  # a forked runner sent its Result and is exiting
         try:
             # Inside the try: if the PID cannot be recorded, the runner is stopped.
             on_started(proc.pid, process_start_time(proc.pid) or 0.0)
@@ -275,10 +253,7 @@ class Launcher:
                     self._read_messages, messages, on_progress, result, channel_closed
                 )
                 with trio.move_on_after(job.deadline_ms / 1000) as deadline:
-                    if isinstance(proc, ZygoteChild):
-                        reported = await self._until_result_or_exit(proc, result, channel_closed)
-                    else:
-                        await proc.wait()
+                    await proc.wait()
                 if deadline.cancelled_caught:
                     deadline_hit = True
                     await self._stop(proc)
@@ -291,43 +266,14 @@ class Launcher:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                if proc.returncode is None and not reported:
+                if proc.returncode is None:
                     await self._stop(proc)
                 else:  # what the job forked and left behind goes with it
                     kill_process_group(proc.pid, signal.SIGKILL)
                 await messages.aclose()
                 if proc.stdin is not None:
                     await proc.stdin.aclose()
-        returncode = 0 if reported and not deadline_hit else proc.returncode
-        return self._outcome(returncode, result[-1] if result else None, deadline_hit, job)
-
-    async def _until_result_or_exit(
-        self, proc: ZygoteChild, result: list[Result], channel_closed: trio.Event
-    ) -> bool:
-        """Wait for a forked runner to exit, or to have sent its Result and closed the
-        channel: it is then only exiting (a fork's exit takes this VM about a
-        millisecond), and the attempt's end need not wait for it; the zygote reaps
-        it. True if it ended by its Result."""
-        ended = trio.Event()
-        by_result = False
-
-        async def exited() -> None:
-            await proc.wait()
-            ended.set()
-
-        async def reported() -> None:
-            nonlocal by_result
-            await channel_closed.wait()
-            if result:
-                by_result = True
-                ended.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(exited)
-            nursery.start_soon(reported)
-            await ended.wait()
-            nursery.cancel_scope.cancel()
-        return by_result and proc.returncode is None
+        return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
 
     async def _start_runner(
         self, env: dict[str, str], cwd: Path, log_path: str, result_fd: int, spec: bytes

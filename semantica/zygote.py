@@ -135,10 +135,8 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
             )
             os._exit(0)
         runner.run_job(spec, result_fd)
-        # Before the channel closes: its end tells the daemon this runner is done (it
-        # then stops the group without waiting for the exit), so say it first.
-        runner._exit_despite_stray_threads()
         os.close(result_fd)
+        runner._exit_despite_stray_threads()
         code = 0
     except SystemExit as exc:  # a plugin's sys.exit(): its status, as a fresh runner's
         code = exc.code if isinstance(exc.code, int) else 1

@@ -526,17 +526,3 @@ def test_a_third_party_plugin_from_a_temporary_package_runs(tmp_path, zygote):
     finally:
         d.stop()
         remove_home(d.home)
-
-
-def test_a_process_start_time_is_the_one_psutil_reports():
-    # Recovery compares the recorded start time with a fresh reading: they must agree.
-    from semantica.launcher import process_start_time
-
-    child = subprocess.Popen(["sleep", "5"])
-    try:
-        for pid in (os.getpid(), child.pid):
-            assert process_start_time(pid) == pytest.approx(psutil.Process(pid).create_time())
-    finally:
-        child.kill()
-        child.wait()
-    assert process_start_time(child.pid) is None  # gone

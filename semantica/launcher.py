@@ -711,7 +711,7 @@ class ZygoteChild:
 
     def lost(self) -> None:
         """The zygote went before reporting this child's exit: stop it, count it killed
-        (it watches the zygote and would stop itself too)."""
+        (its parent-death signal kills it too)."""
         if not self.exited.is_set():
             kill_process_group(self.pid, signal.SIGKILL)
             self.returncode = -signal.SIGKILL
@@ -723,6 +723,12 @@ _NEVER = trio.Event()  # for waiters whose condition the loop around pump() chec
 
 class ZygoteGone(Exception):
     """The zygote could not start or has died: spawn the runner directly instead."""
+
+
+class ForkUnknown(OSError):
+    """The zygote went after it was asked to fork this runner: a runner may have
+    started with the job's spec (and dies with the zygote). The attempt fails, to be
+    retried by the policy, rather than start a second runner at once."""
 
 
 class ForkFailed(OSError):
@@ -812,13 +818,19 @@ class Zygote:
                         )
                     except OSError as exc:
                         await self._died(f"sending to the zygote failed: {exc}")
-                    while not self._spawned:
-                        await self.pump(_NEVER)
+                    try:
+                        while not self._spawned:
+                            await self.pump(_NEVER)
+                    except ZygoteGone as exc:
+                        raise ForkUnknown(str(exc)) from None
                     reply = self._spawned.pop(0)
                     if isinstance(reply, str):
                         raise ForkFailed(f"the zygote's {reply}")
                     return reply
-                await self._died(f"no reply from the zygote in {ZYGOTE_REPLY_TIMEOUT_S:g} s")
+                try:
+                    await self._died(f"no reply from the zygote in {ZYGOTE_REPLY_TIMEOUT_S:g} s")
+                except ZygoteGone as exc:
+                    raise ForkUnknown(str(exc)) from None
                 raise AssertionError("unreachable: _died raises")
 
     def child(self, pid: int, stdin: trio.lowlevel.FdStream | None) -> ZygoteChild:

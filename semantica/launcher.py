@@ -587,7 +587,7 @@ class WarmPool:
     ) -> Outcome:
         recorded = worker is not None
         if worker is None:
-            worker = self.idle.pop() if self.idle else await self._spawn()
+            worker = self.reserve() or await self._spawn()
         reusable = False
         result: Result | None = None
         deadline_hit = False

@@ -271,12 +271,7 @@ class Dispatcher:
                     )
             raise
         del self._finishing[: len(finishing)]
-        for e, end in zip(finishing, ended, strict=True):
-            if end is None:
-                continue
-            if e.late:
-                log.event("job_finish_recorded_late", job_id=e.job.id, state=end[0].state.value)
-            self._after_finish(*end)
+        self._after_recorded(finishing, ended)
         for job, worker in claimed:
             self._start(jobs, job, worker, now)
         if (wants_idle and not offered.cpu_idle) or (wants_power and not offered.on_ac_power):
@@ -366,7 +361,18 @@ class Dispatcher:
             )
             return None
 
-    def _after_finish(self, ended: Job, changed: bool = True) -> None:
+    def _after_recorded(
+        self, finishing: list[_Ended], ended: list[tuple[Job, bool] | None]
+    ) -> None:
+        """After the commit that recorded these ends (None: the job was gone)."""
+        for e, end in zip(finishing, ended, strict=True):
+            if end is None:
+                continue
+            if e.late:
+                log.event("job_finish_recorded_late", job_id=e.job.id, state=end[0].state.value)
+            self._after_finish(*end)
+
+    def _after_finish(self, ended: Job, changed: bool) -> None:
         self._look_everywhere = True  # its worker slot, and maybe its key, are free now
         if ended.state is State.QUEUED:
             self.due_at(ended.run_after)
@@ -488,12 +494,11 @@ class Dispatcher:
 
     def _record_ended(self) -> None:
         """Record the attempts that ended (no claim: the daemon is stopping)."""
+        finishing = list(self._finishing)
         with self.store.transaction():
-            ended = [self._record(e, self.clock()) for e in self._finishing]
+            ended = [self._record(e, self.clock()) for e in finishing]
         self._finishing.clear()
-        for end in ended:
-            if end is not None:
-                self._after_finish(*end)
+        self._after_recorded(finishing, ended)
 
     async def _all_jobs_ended(self) -> None:
         while self._running:

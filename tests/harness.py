@@ -17,9 +17,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 import semantica
 
 READY_TIMEOUT_S = 20.0
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """The processes of a process group that still run (zombies do not count)."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return members
 
 
 def free_port() -> int:

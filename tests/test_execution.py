@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from harness import remove_home, start_daemon
+from harness import live_group_members, remove_home, start_daemon
 
 import semantica
 from semantica.domain import EnqueueRequest, State
@@ -78,17 +78,6 @@ def wait_for_payload(helpers, path, **kwargs):
 def live(pid: int) -> bool:
     """Whether the process exists and is not a zombie (a zombie has stopped running)."""
     return psutil.pid_exists(pid) and not is_zombie(pid)
-
-
-def live_group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (OSError, psutil.Error):
-            continue
-    return members
 
 
 def wait_gone(pids, timeout=5.0) -> None:

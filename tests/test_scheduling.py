@@ -688,6 +688,27 @@ async def test_a_gated_job_waiting_on_its_condition_does_not_spin_the_dispatcher
         store.close()
 
 
+def one_worker_dispatcher(store, launcher, on_job_changed=lambda job: None) -> Dispatcher:
+    return Dispatcher(
+        store,
+        launcher,
+        workers=1,
+        clock=now_ms,
+        conditions=lambda: ALL_CONDITIONS,
+        on_job_changed=on_job_changed,
+    )
+
+
+async def run_until(dispatcher: Dispatcher, done, timeout: float = 10) -> None:
+    """Run the dispatcher's loop until `done()`; fail after `timeout` seconds."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        with trio.fail_after(timeout):
+            while not done():
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
 class InstantLauncher:
     """Every attempt ends at once, successfully."""
 
@@ -706,23 +727,13 @@ async def test_an_ended_attempt_is_recorded_with_its_successors_claim_and_announ
     async def durable() -> None:
         events.append(("durable", ""))
 
-    dispatcher = Dispatcher(
-        store,
-        InstantLauncher(),
-        workers=1,
-        clock=now_ms,
-        conditions=lambda: ALL_CONDITIONS,
-        on_job_changed=lambda job: events.append((job.state.value, job.id)),
+    dispatcher = one_worker_dispatcher(
+        store, InstantLauncher(), lambda job: events.append((job.state.value, job.id))
     )
     dispatcher.durable = durable
     ids = [store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms()).job.id for _ in range(3)]
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(dispatcher.run)
-            with trio.fail_after(10):
-                while sum(e[0] == "DONE" for e in events) < 3:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+        await run_until(dispatcher, lambda: sum(e[0] == "DONE" for e in events) >= 3)
     finally:
         jobs = [store.get(i) for i in ids]
         store.close()
@@ -753,13 +764,8 @@ async def test_a_retry_due_at_once_is_told_after_the_end_of_the_attempt_before_i
     async def slow_durable() -> None:  # the sync of the first end is still going on
         await released.wait()
 
-    dispatcher = Dispatcher(
-        store,
-        FailsOnceLauncher(),
-        workers=1,
-        clock=now_ms,
-        conditions=lambda: ALL_CONDITIONS,
-        on_job_changed=lambda job: told.append((job.state.value, job.attempt)),
+    dispatcher = one_worker_dispatcher(
+        store, FailsOnceLauncher(), lambda job: told.append((job.state.value, job.attempt))
     )
     dispatcher.durable = slow_durable
     store.enqueue(EnqueueRequest(job_type="noop", max_attempts=3), now=now_ms())
@@ -790,22 +796,10 @@ async def test_the_end_of_a_job_deleted_while_it_ran_does_not_stall_the_dispatch
                 store.delete_jobs([job.id])
             return Outcome(result_summary={"ok": True})
 
-    dispatcher = Dispatcher(
-        store,
-        DeletingLauncher(),
-        workers=1,
-        clock=now_ms,
-        conditions=lambda: ALL_CONDITIONS,
-        on_job_changed=lambda job: None,
-    )
+    dispatcher = one_worker_dispatcher(store, DeletingLauncher())
     store.enqueue(EnqueueRequest(job_type="noop", user_tag="doomed"), now=now_ms())
     after = store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms() + 1).job.id
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(dispatcher.run)
-            with trio.fail_after(10):
-                while store.get(after).state is not State.DONE:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+        await run_until(dispatcher, lambda: store.get(after).state is State.DONE)
     finally:
         store.close()

@@ -14,7 +14,14 @@ import time
 
 import psutil
 import pytest
-from harness import Daemon, daemon_env, make_home, remove_home, start_daemon
+from harness import (
+    Daemon,
+    daemon_env,
+    live_group_members,
+    make_home,
+    remove_home,
+    start_daemon,
+)
 
 from semantica.domain import State
 
@@ -246,20 +253,9 @@ def _running_runner(client, job_id: str, timeout: float = 10.0) -> int:
     raise AssertionError(f"job {job_id} never started: {client.get(job_id)}")
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (OSError, psutil.Error):
-            continue
-    return members
-
-
 def _wait_gone(pgid: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := _group_members(pgid)) and time.monotonic() < deadline:
+    while (left := live_group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
@@ -273,8 +269,8 @@ def test_a_killed_daemon_takes_its_forked_runners_and_their_children_along():
             job = c.enqueue(job_type="shell", payload={"argv": ["sh", "-c", "sleep 60 & wait"]})
             runner = _running_runner(c, job.id)
             deadline = time.monotonic() + 5
-            while len(_group_members(runner)) < 3:  # the runner, sh, and the sleep
-                assert time.monotonic() < deadline, _group_members(runner)
+            while len(live_group_members(runner)) < 3:  # the runner, sh, and the sleep
+                assert time.monotonic() < deadline, live_group_members(runner)
                 time.sleep(0.02)
         d.kill()
         assert _wait_gone(runner, 10) == []

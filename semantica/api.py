@@ -519,7 +519,7 @@ class Api:
             uptime_s=round(time.monotonic() - self.started_monotonic, 3),
             counters=self.metrics,
             wal_fsyncs_total=self.wal_sync.fsyncs,
-            wal_checkpoints_total=self.checkpointer.checkpoints,
+            wal_checkpoints_total=self.checkpointer.checkpoints + self.store.checkpoints_inline,
             maintenance_runs_total=self.maintenance.runs,
             dispatcher_wakeups_total=self.dispatcher.wakeups,
             scheduler_pop_latency_ms=self.dispatcher.claim_latency.snapshot(),

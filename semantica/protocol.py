@@ -194,7 +194,7 @@ class StatsResult(msgspec.Struct, kw_only=True):
     uptime_s: float
     counters: Counters
     wal_fsyncs_total: int = 0  # group fsyncs that acknowledged writes (synchronous=FULL)
-    wal_checkpoints_total: int = 0  # checkpoints run off the event loop
+    wal_checkpoints_total: int = 0  # WAL checkpoints: in a worker thread, or after a commit
     maintenance_runs_total: int = 0
     dispatcher_wakeups_total: int = 0  # times the dispatcher looked again (no idle polling)
     scheduler_pop_latency_ms: LatencyHistogram = msgspec.field(default_factory=LatencyHistogram)

@@ -734,15 +734,39 @@ class Store:
             self._wal_fd = None
 
     def checkpoint_elsewhere(
-        self, on_wal_grown: Callable[[int], None], *, threshold_pages: int = 1000
+        self,
+        on_wal_grown: Callable[[int], None],
+        *,
+        threshold_pages: int = 1000,
+        limit_pages: int | None = None,
     ) -> None:
         """Move WAL checkpoints out of commits: after a commit leaves `threshold_pages`
         or more in the WAL, `on_wal_grown(pages)` is called and the caller runs
-        `checkpoint()` (e.g. in a worker thread). Commits then never pay for one.
+        `checkpoint()` (e.g. in a worker thread). Commits then rarely pay for one.
+
+        SQLite starts the WAL over only after a checkpoint has copied every frame in
+        it, and one running in another thread rarely can while commits go on: each
+        leaves behind the frames committed while it copied. So the hook asks again
+        only once the WAL has grown by another `threshold_pages`; and when it reaches
+        `limit_pages` (4 x threshold unless given), the committing thread checkpoints
+        right after that commit, when nothing else can write, so that checkpoint
+        finishes and the next commit starts the WAL over. Without this a steady stream
+        of enqueues grew the WAL without bound (770 MB after 40,000).
         """
+        limit = limit_pages if limit_pages is not None else 4 * threshold_pages
+        tx = self._tx
+        due = threshold_pages  # WAL pages at which to ask for the next checkpoint
+        seen = 0
 
         def hook(_db: apsw.Connection, _name: str, pages: int) -> int:
-            if pages >= threshold_pages:
+            nonlocal due, seen
+            if pages < seen:  # the WAL was started over
+                due = threshold_pages
+            seen = pages
+            if pages >= limit:
+                tx.checkpoint_after_commit = True
+            elif pages >= due:
+                due = pages + threshold_pages
                 on_wal_grown(pages)
             return apsw.SQLITE_OK
 
@@ -772,6 +796,11 @@ class Store:
                 return self._checkpointer.wal_checkpoint(mode=modes[mode])
             except (apsw.FullError, apsw.IOError, apsw.ReadOnlyError) as exc:
                 raise StorageUnavailable(_storage_advice(exc)) from exc
+
+    @property
+    def checkpoints_inline(self) -> int:
+        """Checkpoints the committing thread ran because the WAL reached its limit."""
+        return self._tx.checkpoints_inline
 
     @property
     def commits(self) -> int:
@@ -1662,11 +1691,13 @@ class _Transaction:
     """`with db:` that counts commits and turns storage failures into StorageUnavailable
     (SPEC error 5003). Reused: one per store."""
 
-    __slots__ = ("_db", "commits")
+    __slots__ = ("_db", "checkpoint_after_commit", "checkpoints_inline", "commits")
 
     def __init__(self, db: apsw.Connection) -> None:
         self._db = db
         self.commits = 0
+        self.checkpoint_after_commit = False  # set by the WAL hook (checkpoint_elsewhere)
+        self.checkpoints_inline = 0
 
     def __enter__(self) -> None:
         self._db.__enter__()
@@ -1680,7 +1711,20 @@ class _Transaction:
             raise StorageUnavailable(_storage_advice(exc, self._db.system_errno)) from exc
         if exc is None:
             self.commits += 1
+            if self.checkpoint_after_commit and not self._db.in_transaction:
+                self._checkpoint_here()
         return False
+
+    def _checkpoint_here(self) -> None:
+        """A PASSIVE checkpoint on the writing connection, between two commits. Busy
+        (another thread's checkpoint is running) or refused by the disk: the commit
+        stands, and the next commit tries again."""
+        try:
+            self._db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.ReadOnlyError):
+            return
+        self.checkpoint_after_commit = False
+        self.checkpoints_inline += 1
 
 
 def _storage_advice(err: BaseException, os_errno: int = 0) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -598,6 +599,29 @@ def test_checkpoints_can_move_out_of_commits(store):
     frames, copied = store.checkpoint("TRUNCATE")
     assert frames == 0 and copied == 0  # TRUNCATE empties the WAL after copying
     assert os.path.getsize(store.path + "-wal") == 0
+
+
+def test_a_grown_wal_is_reported_again_only_after_it_grows_further(store):
+    grown: list[int] = []
+    store.checkpoint_elsewhere(grown.append, threshold_pages=30, limit_pages=10_000)
+    for i in range(100):
+        enqueue(store, subject_key=f"k{i}")
+    # Not once per commit past the threshold: a background checkpoint that cannot keep
+    # up would otherwise be asked for again after every commit.
+    assert 3 <= len(grown) < 50
+    assert all(b >= a + 30 for a, b in itertools.pairwise(grown))
+
+
+def test_a_checkpointer_that_falls_behind_cannot_let_the_wal_grow_without_bound(store):
+    store.checkpoint_elsewhere(lambda pages: None, threshold_pages=5, limit_pages=20)
+    page = store.connection.execute("PRAGMA page_size").fetchall()[0][0]
+    for i in range(300):  # several WAL pages each: 1,000+ frames without a checkpoint
+        enqueue(store, subject_key=f"k{i}")
+    # At 20 pages the committing thread checkpoints, so the next commit starts the WAL
+    # over: the file never holds much more than the limit.
+    frames = (os.path.getsize(store.path + "-wal") - 32) // (page + 24)
+    assert frames < 40
+    assert store.get(enqueue(store).job.id).state is State.QUEUED
 
 
 def test_ttl_bounds_only_the_first_start_so_retries_do_not_expire(store, rng):

@@ -8,6 +8,7 @@ its commit. Store errors become RpcErrors with a stable code here and nowhere el
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import time
@@ -402,6 +403,7 @@ class Api:
     def _after_enqueue(self, results: list[EnqueueResult]) -> None:
         changed = []
         now = self.clock()
+        debug = log.enabled(logging.DEBUG)
         for result in results:
             job = result.job
             if job.state is State.QUEUED and job.run_after > now:
@@ -410,7 +412,14 @@ class Api:
                 self.dispatcher.due_at(job.created_at + job.ttl_ms)
             for job_id in result.superseded_running_ids:
                 self.dispatcher.stop_job(job_id)
-            log.debug("job_enqueued", job_id=job.id, queue=job.queue, job_type=job.job_type)
+            if debug:
+                log.debug("job_enqueued", job_id=job.id, queue=job.queue, job_type=job.job_type)
+            if not (
+                result.superseded_ids
+                or result.superseded_running_ids
+                or result.superseded_on_arrival
+            ):
+                continue  # the common case: nothing else changed
             superseded = result.superseded_ids + result.superseded_running_ids
             if result.superseded_on_arrival:
                 superseded.append(job.id)

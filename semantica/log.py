@@ -82,6 +82,11 @@ def event(name: str, *, level: int = logging.INFO, exc_info: bool = False, **fie
         _logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)
 
 
+def enabled(level: int) -> bool:
+    """Whether events at `level` are written: a loop can ask once, not per event."""
+    return _logger.isEnabledFor(level)
+
+
 def warning(name: str, **fields: Any) -> None:
     event(name, level=logging.WARNING, **fields)
 

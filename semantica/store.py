@@ -508,12 +508,21 @@ SQL_PAUSED_QUEUES = "SELECT name FROM queues WHERE paused = 1"
 SQL_STATS = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
 
 
+_MODES = {mode.value: mode for mode in domain.ExecutionMode}
+
+# Random bits of job ids: seeded from the OS, and again in a forked child so that two
+# processes never share the sequence. Uniqueness is all ids need, not secrecy; a
+# getrandom() call per job cost more than the rest of the id.
+_id_random = random.Random()
+os.register_at_fork(after_in_child=_id_random.seed)
+
+
 def new_job_id(now_ms: int) -> str:
     """A UUIDv7 (RFC 9562): time-ordered, so new ids append to the id index.
 
     48 bits of Unix milliseconds, version 7, 74 random bits.
     """
-    rand = int.from_bytes(os.urandom(10))
+    rand = _id_random.getrandbits(74)
     value = (
         (now_ms & 0xFFFF_FFFF_FFFF) << 80
         | 0x7 << 76
@@ -1100,7 +1109,7 @@ class Store:
     ) -> EnqueueResult:
         """Queue the job's row for insertion; the result holds the row as written."""
         run_after = req.schedule_at if req.schedule_at is not None else now
-        mode = domain.ExecutionMode(req.execution_mode)
+        mode = _MODES[req.execution_mode]
         self._pending_inserts.append(
             (
                 job_id, state.value, req.queue, req.job_type, req.subject_key, generation,

@@ -391,7 +391,7 @@ class Server:
         conn.idle_since = None
         reply = await self.process(message, conn)
         if reply is not None:
-            await conn.stream.send_all(reply + b"\n")
+            await _send_now(conn.stream, reply + b"\n")
         conn.idle_since = time.monotonic()
 
     async def _refuse_oversized(self, conn: Conn, what: str) -> None:
@@ -635,6 +635,19 @@ class Server:
             return p.result_response(call.id, p.Authenticated(authenticated=True))
         log.warning("unauthorized_request", transport=conn.transport)
         return p.error_response(call.id, self._unauthorized())
+
+
+async def _send_now(stream: trio.SocketStream, data: bytes) -> None:
+    """Write a reply straight to the socket when its buffer takes it all, else
+    through trio. trio's `send_all` yields to the scheduler after every send, which
+    cost a pass of the event loop per request; the next read is still a
+    schedule point, so one connection cannot keep the loop to itself."""
+    try:
+        sent = os.write(stream.socket.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        await stream.send_all(memoryview(data)[sent:])
 
 
 def _refuse_if_evicted(conn: Conn) -> None:

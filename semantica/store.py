@@ -534,6 +534,15 @@ def new_job_id(now_ms: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _cannot_fail(group: EnqueueGroup) -> bool:
+    """One validated job with no subject key and no dependencies: storing it reads no
+    other job, so no rule of the store can refuse it."""
+    if len(group.requests) != 1:
+        return False
+    req = group.requests[0]
+    return req.subject_key is None and not req.depends_on
+
+
 def _in_batch_supersedes(
     reqs: Sequence[EnqueueRequest],
 ) -> dict[int, tuple[int | None, int | None, int]]:
@@ -906,6 +915,12 @@ class Store:
                     if isinstance(payloads, ValidationError):
                         outcomes.append(payloads)
                         continue
+                    if _cannot_fail(group):
+                        # Validated already, and nothing in the store can refuse it: no
+                        # savepoint, and its row joins the one INSERT after the loop.
+                        outcomes.append(self._enqueue_group(group, payloads, now))
+                        continue
+                    self._flush_inserts()  # earlier groups' rows stay out of this savepoint
                     try:
                         with contextlib.nullcontext() if alone else self._db:  # savepoint
                             outcomes.append(self._enqueue_group(group, payloads, now))
@@ -916,6 +931,7 @@ class Store:
                         if alone:
                             raise
                         outcomes.append(exc)
+                self._flush_inserts()
         except ValidationError as exc:
             return [exc]
         finally:

@@ -964,6 +964,20 @@ class Store:
         reqs = group.requests
         if len(reqs) == 1:
             return [self._enqueue_one(reqs[0], payloads[0], now, new_job_id(now))]
+        # Each new queue's row once for the batch, not once per job: the rows join
+        # `_known_queues` only after the commit.
+        fresh = {req.queue for req in reqs} - self._known_queues
+        for queue in fresh:
+            self._db.execute(SQL_ENSURE_QUEUE, (queue, now))
+        known, self._known_queues = self._known_queues, self._known_queues | fresh
+        try:
+            return self._enqueue_many(reqs, payloads, now)
+        finally:
+            self._known_queues = known
+
+    def _enqueue_many(
+        self, reqs: Sequence[EnqueueRequest], payloads: list[bytes], now: int
+    ) -> list[EnqueueResult]:
         ids = [new_job_id(now) for _ in reqs]
         plan = _in_batch_supersedes(reqs)
         generations: dict[tuple[str, str, str], int] = {}  # next generation, per planned key

@@ -192,6 +192,32 @@ def test_enqueue_batch_is_all_or_nothing(store):
     assert snapshot(store) == before
 
 
+def test_a_batch_into_new_queues_writes_each_queue_row_once(store):
+    statements: list[str] = []
+
+    def trace(_cursor, sql, _bindings):
+        statements.append(sql)
+        return True
+
+    store.connection.exec_trace = trace
+    batch = [EnqueueRequest(job_type="noop", queue=f"q{i % 2}") for i in range(50)]
+    store.enqueue_batch(batch, now=NOW)
+    store.connection.exec_trace = None
+    assert sum("INSERT INTO queues" in sql for sql in statements) == 2
+    assert {q.name for q in store.queues()} >= {"q0", "q1"}
+
+
+def test_a_refused_batch_leaves_no_queue_row_behind(store):
+    batch = [
+        EnqueueRequest(job_type="noop", queue="fresh"),
+        EnqueueRequest(job_type="noop", queue="fresh", depends_on=["no-such-job"]),
+    ]
+    with pytest.raises(ValidationError):
+        store.enqueue_batch(batch, now=NOW)
+    assert "fresh" not in {q.name for q in store.queues()}
+    assert enqueue(store, queue="fresh").job.queue == "fresh"  # and it is created later
+
+
 def test_enqueue_batch_names_the_bad_job(store):
     batch = [EnqueueRequest(job_type="noop"), EnqueueRequest(job_type="noop", priority=5000)]
     with pytest.raises(ValidationError) as info:

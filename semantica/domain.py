@@ -161,7 +161,7 @@ class Job(msgspec.Struct, kw_only=True):
     started_at: int | None
     finished_at: int | None
     runner_pid: int | None
-    runner_start_time: float | None
+    runner_start_time: int | None  # Unix ms, like every time
     exit_code: int | None
     error_kind: str | None
     error_message: str | None

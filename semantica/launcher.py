@@ -43,7 +43,7 @@ RUNNER_SETUP_VARS = frozenset(
 )
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
 CHANNEL_DRAIN_S = 0.5  # after the runner exits, for its last message to be read
-START_TIME_SLACK_S = 0.05  # a process start time is known to the clock tick (10 ms)
+START_TIME_SLACK_MS = 50  # a process start time is known to the clock tick (10 ms)
 MAX_RESULT_BYTES = 16 * 1024 * 1024
 
 _decode_message = msgspec.json.Decoder(Progress | Result).decode
@@ -68,12 +68,17 @@ def runner_environment(
     return env
 
 
-def process_start_time(pid: int) -> float | None:
-    """The process's start time (seconds since the epoch), to tell a reused PID apart."""
+def process_start_time(pid: int) -> int | None:
+    """The process's start time (Unix milliseconds), to tell a reused PID apart."""
     try:
-        return psutil.Process(pid).create_time()
+        return start_ms(psutil.Process(pid))
     except psutil.Error:
         return None
+
+
+def start_ms(proc: psutil.Process) -> int:
+    """When `proc` started, in Unix milliseconds (the kernel knows it to 10 ms)."""
+    return round(proc.create_time() * 1000)
 
 
 def kill_process_group(pgid: int, sig: int) -> bool:
@@ -88,14 +93,14 @@ def kill_process_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def group_members(pgid: int, started_after: float | None = None) -> list[psutil.Process]:
+def group_members(pgid: int, started_after_ms: int | None = None) -> list[psutil.Process]:
     """Processes still in a process group (the leader may be gone, its children not)."""
     members = []
     for proc in psutil.process_iter(["pid"]):
         try:
             if os.getpgid(proc.pid) != pgid:
                 continue
-            if started_after is not None and proc.create_time() + 0.01 < started_after:
+            if started_after_ms is not None and start_ms(proc) + 10 < started_after_ms:
                 continue  # older than the job: not one of its processes
             members.append(proc)
         except (ProcessLookupError, psutil.Error, OSError):
@@ -174,7 +179,7 @@ class Launcher:
         self,
         job: Job,
         *,
-        on_started: Callable[[int, float], None],
+        on_started: Callable[[int, int], None],
         on_progress: Callable[[float, str | None], None],
         trace_id: str | None = None,
         worker: WarmWorker | None = None,
@@ -219,7 +224,7 @@ class Launcher:
         job: Job,
         spec: RunSpec,
         cwd: Path,
-        on_started: Callable[[int, float], None],
+        on_started: Callable[[int, int], None],
         on_progress: Callable[[float, str | None], None],
     ) -> Outcome:
         env = runner_environment(self.daemon_env, self.env_allowlist, job.env)
@@ -245,7 +250,7 @@ class Launcher:
         deadline_hit = False
         try:
             # Inside the try: if the PID cannot be recorded, the runner is stopped.
-            on_started(proc.pid, process_start_time(proc.pid) or 0.0)
+            on_started(proc.pid, process_start_time(proc.pid) or 0)
             async with trio.open_nursery() as nursery:
                 if unsent:
                     nursery.start_soon(self._feed_spec, proc, unsent)
@@ -441,7 +446,7 @@ class Launcher:
         )
 
 
-def kill_orphaned_runner(pid: int, start_time: float | None) -> list[int]:
+def kill_orphaned_runner(pid: int, start_time_ms: int | None) -> list[int]:
     """Stop what is left of a runner from a previous daemon: its process group.
 
     The group id is the runner's PID (each runner leads its own session). While any
@@ -454,13 +459,13 @@ def kill_orphaned_runner(pid: int, start_time: float | None) -> list[int]:
     nothing of the job is left and that process (its own group's leader perhaps)
     is left alone.
     """
-    if start_time:
+    if start_time_ms:
         now_started = process_start_time(pid)
         # Only later: a reused PID belongs to a process started after the runner. (An
         # earlier reading is the runner itself, seen through a wall clock stepped back.)
-        if now_started is not None and now_started > start_time + START_TIME_SLACK_S:
+        if now_started is not None and now_started > start_time_ms + START_TIME_SLACK_MS:
             return []
-    members = group_members(pid, started_after=start_time)
+    members = group_members(pid, started_after_ms=start_time_ms)
     if not members:
         return []
     pids = [p.pid for p in members]
@@ -509,7 +514,7 @@ class WarmWorker:
     def __init__(self, proc: trio.Process, results: trio.lowlevel.FdStream) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.start_time = process_start_time(proc.pid) or 0.0
+        self.start_time = process_start_time(proc.pid) or 0  # Unix ms
         self.reader = MessageReader(results)
         self.jobs_done = 0
         try:
@@ -581,7 +586,7 @@ class WarmPool:
         job: Job,
         spec: RunSpec,
         cwd: Path,
-        on_started: Callable[[int, float], None],
+        on_started: Callable[[int, int], None],
         on_progress: Callable[[float, str | None], None],
         worker: WarmWorker | None = None,
     ) -> Outcome:

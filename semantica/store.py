@@ -1203,7 +1203,7 @@ class Store:
         now: int,
         global_limit: int,
         conditions: Conditions,
-        warm_runner: tuple[int, float] | None = None,
+        warm_runner: tuple[int, int] | None = None,
     ) -> Job | None:
         """Atomically take the best ready job and mark it RUNNING, or return None.
 
@@ -1249,7 +1249,7 @@ class Store:
         finally:
             self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
 
-    def record_runner(self, job_id: str, pid: int, start_time: float) -> bool:
+    def record_runner(self, job_id: str, pid: int, start_time: int) -> bool:
         """Remember which process runs a RUNNING job (PID + start time tell PID reuse).
 
         False when the job is no longer RUNNING (cancelled meanwhile): nothing is

@@ -16,6 +16,7 @@ from harness import live_group_members, remove_home, start_daemon
 
 import semantica
 from semantica.domain import EnqueueRequest, State
+from semantica.launcher import start_ms
 from semantica.store import Conditions, Store
 
 FAST_RETRY = {"backoff_base_ms": 20, "backoff_factor": 1.0}
@@ -389,8 +390,8 @@ def test_recovery_kills_a_live_runner_with_its_group_but_not_a_reused_pid():
         try:
             ids = {}
             for name, proc, start in (
-                ("runner", runner, psutil.Process(runner.pid).create_time()),
-                ("stranger", stranger, psutil.Process(stranger.pid).create_time() - 30),
+                ("runner", runner, start_ms(psutil.Process(runner.pid))),
+                ("stranger", stranger, start_ms(psutil.Process(stranger.pid)) - 30_000),
             ):
                 now = int(time.time() * 1000)
                 request = EnqueueRequest(job_type="sleep", queue=name, max_attempts=1)

@@ -99,3 +99,21 @@ def test_bad_configuration_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "SEMANTICA_RPC_PORT=99999 is out of range" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_runner_start_times_become_integer_milliseconds(tmp_path):
+    db = apsw.Connection(str(tmp_path / "m.db"))
+    migrate(db, 5)
+    store = Store(db, str(tmp_path / "m.db"))
+    job = store.enqueue(EnqueueRequest(job_type="noop"), now=1_000)
+    db.execute(
+        "UPDATE jobs SET state = 'RUNNING', runner_pid = 42, runner_start_time = ?, "
+        "started_at = 1000 WHERE id = ?",
+        (1_764_600_000.123, job.job.id),
+    )
+    migrate(db)
+    row = db.execute("SELECT runner_start_time, typeof(runner_start_time) FROM jobs").fetchall()
+    assert row == [(1_764_600_000_123, "integer")]
+    migrate(db, 5)  # and back: REAL seconds again
+    assert db.execute("SELECT runner_start_time FROM jobs").fetchall() == [(1_764_600_000.123,)]
+    db.close()

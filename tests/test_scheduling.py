@@ -252,12 +252,12 @@ def test_a_dependent_of_an_expired_a_cancelled_or_a_superseded_job_is_cancelled(
     client.cancel(newer.id)
 
 
-def runner_gone(pid: int, start_time: float | None) -> bool:
+def runner_gone(pid: int, start_time_ms: int | None) -> bool:
     """The runner process no longer exists (or only as an unreaped zombie, or its pid
     now belongs to a newer process)."""
     try:
         proc = psutil.Process(pid)
-        if start_time and proc.create_time() > start_time + 0.01:
+        if start_time_ms and proc.create_time() * 1000 > start_time_ms + 10:
             return True
         return proc.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

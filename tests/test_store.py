@@ -431,11 +431,12 @@ def test_finish_of_unknown_job_is_not_found(store, rng):
 def test_record_runner_and_running_jobs(store):
     job = enqueue(store).job
     claim(store)
-    store.record_runner(job.id, 4242, 1234.5)
+    store.record_runner(job.id, 4242, 1_764_600_000_123)
     [running] = store.running_jobs()
-    assert (running.id, running.runner_pid, running.runner_start_time) == (job.id, 4242, 1234.5)
+    recorded = (running.id, running.runner_pid, running.runner_start_time)
+    assert recorded == (job.id, 4242, 1_764_600_000_123)
     queued = enqueue(store).job
-    assert store.record_runner(queued.id, 1, 1.0) is False  # not running: nothing recorded
+    assert store.record_runner(queued.id, 1, 1_000) is False  # not running: nothing recorded
     assert store.get(queued.id).runner_pid is None
 
 
@@ -795,13 +796,13 @@ def test_a_warm_claim_records_the_reserved_worker_with_the_job(store):
     fresh = enqueue(store, now=NOW + 1)
     # A WARM job counts as RUNNING only with its process: the reserved worker's.
     claimed = store.claim_next_job(
-        now=NOW + 2, global_limit=10, conditions=ALL_MET, warm_runner=(4242, 123.5)
+        now=NOW + 2, global_limit=10, conditions=ALL_MET, warm_runner=(4242, 1_764_600_000_456)
     )
     assert claimed.id == warm.job.id
-    assert (claimed.runner_pid, claimed.runner_start_time) == (4242, 123.5)
+    assert (claimed.runner_pid, claimed.runner_start_time) == (4242, 1_764_600_000_456)
     # Any other job gets its process recorded once it exists, not the worker's.
     other = store.claim_next_job(
-        now=NOW + 3, global_limit=10, conditions=ALL_MET, warm_runner=(4242, 123.5)
+        now=NOW + 3, global_limit=10, conditions=ALL_MET, warm_runner=(4242, 1_764_600_000_456)
     )
     assert other.id == fresh.job.id and other.runner_pid is None
 

@@ -14,6 +14,7 @@ from semantica.store import StorageUnavailable, Store
 
 CHECKPOINT_THRESHOLD_PAGES = 1000  # SQLite's own default for its automatic checkpoint
 INLINE_FSYNC_MAX_S = 0.002  # an fsync quicker than this runs on the event loop
+GATHER_MAX_TURNS = 8  # loop turns an fsync may wait while each brings more commits
 
 
 class WalSync:
@@ -22,8 +23,8 @@ class WalSync:
     Writes commit without an fsync of their own (`Store.open(group_sync=True)`); a
     handler then awaits `durable()` before replying. One fsync runs at a time and
     covers every commit made before it began; the next covers all that arrived
-    meanwhile. Before it starts, the loop turns twice so that every request already
-    there commits first. A quick fsync (a fraction of a millisecond here) runs on the
+    meanwhile. Before it starts, the loop turns while requests keep arriving, so that
+    they commit first (`_gather`). A quick fsync (a fraction of a millisecond here) runs on the
     event loop: a thread hop would cost the loop more than the wait. Once one takes
     longer than INLINE_FSYNC_MAX_S, the next go to a worker thread, so the loop keeps
     reading, committing and grouping while a slow disk works.
@@ -55,11 +56,7 @@ class WalSync:
             try:
                 company = self.may_have_company()
                 if company:
-                    # Two turns of the event loop before the fsync: the first lets every
-                    # handler already runnable commit; the second polls the sockets, so
-                    # requests that have just arrived commit too. One fsync covers all.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await self._gather()
                 covers = self._store.commits
                 began = time.perf_counter()
                 if (self._inline or not company) and not off_loop:
@@ -76,6 +73,20 @@ class WalSync:
                 self._running = False
                 finished, self._finished = self._finished, trio.Event()
                 finished.set()
+
+    async def _gather(self) -> None:
+        """Turns of the event loop before an fsync, so that one covers more commits.
+        The first lets every handler already runnable commit; each further turn polls
+        the sockets, so requests that have just arrived commit too. It goes on while
+        a turn brings commits (clients answered by the last fsync are sending their
+        next request), up to GATHER_MAX_TURNS: 8 clients at synchronous=FULL went
+        from about 6 to 7 jobs per fsync, and 10 % more enqueues a second."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        for _ in range(GATHER_MAX_TURNS - 1):
+            before = self._store.commits
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._store.commits == before:
+                return
 
 
 class Checkpointer:

@@ -25,7 +25,7 @@ from semantica.config import Config, ConfigError
 from semantica.launcher import Launcher, SandboxLimits
 from semantica.probe import FileProbe, SystemProbe
 from semantica.server import Limits, Server, SocketInUse, open_unix_listener, raise_fd_limit
-from semantica.store import SchemaTooNew, StorageUnavailable, Store
+from semantica.store import Store, StoreError
 
 FLAGS = {
     "--home": "SEMANTICA_HOME",
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init:
         try:
             made = init_home(cfg, DaemonLock(cfg.lock_path))
-        except (SchemaTooNew, StartupError, OSError) as exc:
+        except (StoreError, StartupError, OSError) as exc:
             print(f"semantica: cannot set up {cfg.home}: {exc}", file=sys.stderr)
             return 1
         for line in made or [f"{cfg.home} and {cfg.db_path} are ready; nothing to do"]:
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(cfg.log_format, cfg.log_level)
     try:
         trio.run(serve, cfg, restrict_keyboard_interrupt_to_checkpoints=True)
-    except (StartupError, SchemaTooNew, StorageUnavailable) as exc:
+    except (StartupError, StoreError) as exc:
         print(f"semantica: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

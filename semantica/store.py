@@ -62,6 +62,10 @@ class SchemaTooNew(StoreError):
     """The database was written by a newer Semantica than this one."""
 
 
+class MigrationFailed(StoreError):
+    """A schema migration failed; its transaction left the database as it was."""
+
+
 class StorageUnavailable(StoreError):
     """The database cannot be written (disk full, read-only file, I/O error)."""
 
@@ -176,12 +180,19 @@ def migrate(db: apsw.Connection, target: int | None = None) -> tuple[int, int]:
                 f"the database has schema version {current}, but this Semantica knows only "
                 f"up to {latest}: upgrade Semantica, or restore a backup made by this version"
             )
-        for version, up, _down in steps:
-            if current < version <= target:
-                db.execute(up.read_text())
-        for version, _up, down in reversed(steps):
-            if target < version <= current:
-                db.execute(down.read_text())
+        try:
+            for version, up, _down in steps:
+                if current < version <= target:
+                    db.execute(up.read_text())
+            for version, _up, down in reversed(steps):
+                if target < version <= current:
+                    db.execute(down.read_text())
+        except apsw.Error as exc:
+            raise MigrationFailed(
+                f"migrating the database from schema version {current} to {target} failed "
+                f"({exc}); it is unchanged, still version {current}. Run the Semantica "
+                "that wrote it, or restore a backup, and report this"
+            ) from exc
         db.execute(f"PRAGMA user_version = {int(target)}")
     return current, target
 

@@ -11,7 +11,7 @@ import apsw
 import pytest
 
 from semantica.domain import EnqueueRequest
-from semantica.store import SchemaTooNew, Store, latest_schema_version, migrate
+from semantica.store import MigrationFailed, SchemaTooNew, Store, latest_schema_version, migrate
 
 
 def tables(db: apsw.Connection) -> set[str]:
@@ -54,7 +54,7 @@ def test_a_database_newer_than_the_code_is_refused_untouched(tmp_path):
 def test_a_failing_migration_leaves_the_old_version(tmp_path):
     db = apsw.Connection(str(tmp_path / "m.db"))
     db.execute("CREATE TABLE jobs (x)")  # collides with the first migration
-    with pytest.raises(apsw.SQLError):
+    with pytest.raises(MigrationFailed, match=r"from schema version 0 to .* still version 0"):
         migrate(db)
     assert db.execute("PRAGMA user_version").fetchall()[0][0] == 0
     assert tables(db) == {"jobs"}
@@ -105,15 +105,30 @@ def test_runner_start_times_become_integer_milliseconds(tmp_path):
     db = apsw.Connection(str(tmp_path / "m.db"))
     migrate(db, 5)
     store = Store(db, str(tmp_path / "m.db"))
-    job = store.enqueue(EnqueueRequest(job_type="noop"), now=1_000)
-    db.execute(
-        "UPDATE jobs SET state = 'RUNNING', runner_pid = 42, runner_start_time = ?, "
-        "started_at = 1000 WHERE id = ?",
-        (1_764_600_000.123, job.job.id),
-    )
+    # A running job, and jobs cancelled and superseded while running: terminal ones
+    # keep their runner's start time, and the trigger keeping them final must not
+    # stop the migration.
+    starts = {"RUNNING": 1_764_600_000.123, "CANCELLED": 1_764_600_001.5, "SUPERSEDED": 2.25}
+    for state, start in starts.items():
+        job = store.enqueue(EnqueueRequest(job_type="noop"), now=1_000).job
+        db.execute(
+            "UPDATE jobs SET state = ?, runner_pid = 42, runner_start_time = ?, "
+            "started_at = 1000, finished_at = CASE WHEN ? = 'RUNNING' THEN NULL ELSE 2000 END "
+            "WHERE id = ?",
+            (state, start, state, job.id),
+        )
     migrate(db)
-    row = db.execute("SELECT runner_start_time, typeof(runner_start_time) FROM jobs").fetchall()
-    assert row == [(1_764_600_000_123, "integer")]
+    rows = db.execute(
+        "SELECT state, runner_start_time, typeof(runner_start_time) FROM jobs ORDER BY seq"
+    ).fetchall()
+    assert rows == [
+        ("RUNNING", 1_764_600_000_123, "integer"),
+        ("CANCELLED", 1_764_600_001_500, "integer"),
+        ("SUPERSEDED", 2_250, "integer"),
+    ]
+    with pytest.raises(apsw.ConstraintError, match="terminal state"):  # final again
+        db.execute("UPDATE jobs SET priority = 1 WHERE state = 'CANCELLED'")
     migrate(db, 5)  # and back: REAL seconds again
-    assert db.execute("SELECT runner_start_time FROM jobs").fetchall() == [(1_764_600_000.123,)]
+    back = db.execute("SELECT runner_start_time FROM jobs ORDER BY seq").fetchall()
+    assert back == [(start,) for start in starts.values()]
     db.close()

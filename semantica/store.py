@@ -676,6 +676,9 @@ class Store:
         self._synchronous = "FULL"
         self.read_only = False
         self._checkpoint_lock = threading.Lock()
+        self._wal_pages = 0  # WAL pages after the last commit (checkpoint_elsewhere)
+        self._wal_threshold = self._wal_limit = self._wal_inline_at = 0
+        self._checkpoints_inline = 0
 
     @classmethod
     def open(
@@ -780,19 +783,24 @@ class Store:
         `limit_pages` (4 x threshold unless given), the committing thread checkpoints
         right after that commit, when nothing else can write, so that checkpoint
         finishes and the next commit starts the WAL over. Without this a steady stream
-        of enqueues grew the WAL without bound (770 MB after 40,000).
+        of enqueues grew the WAL without bound (770 MB after 40,000). A checkpoint
+        that cannot finish there (a reader holds an older snapshot, or another
+        checkpoint runs) is tried again only after another `threshold_pages`.
         """
-        limit = limit_pages if limit_pages is not None else 4 * threshold_pages
+        self._wal_threshold = threshold_pages
+        self._wal_limit = limit_pages if limit_pages is not None else 4 * threshold_pages
+        self._wal_inline_at = self._wal_limit
+        self._tx.after_limit = self._checkpoint_after_commit
         tx = self._tx
         due = threshold_pages  # WAL pages at which to ask for the next checkpoint
-        seen = 0
 
         def hook(_db: apsw.Connection, _name: str, pages: int) -> int:
-            nonlocal due, seen
-            if pages < seen:  # the WAL was started over
+            nonlocal due
+            if pages < self._wal_pages:  # the WAL was started over
                 due = threshold_pages
-            seen = pages
-            if pages >= limit:
+                self._wal_inline_at = self._wal_limit
+            self._wal_pages = pages
+            if pages >= self._wal_inline_at:
                 tx.checkpoint_after_commit = True
             elif pages >= due:
                 due = pages + threshold_pages
@@ -800,6 +808,18 @@ class Store:
             return apsw.SQLITE_OK
 
         self._db.set_wal_hook(hook)  # replaces SQLite's automatic checkpoint
+
+    def _checkpoint_after_commit(self) -> None:
+        """A PASSIVE checkpoint on the writing connection, between two commits. It
+        never raises: the commit before it stands whatever happens here."""
+        try:
+            frames, copied = self._db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except apsw.Error:
+            frames, copied = 1, 0  # busy (another checkpoint runs) or refused
+        if frames >= 0 and copied >= frames:
+            self._checkpoints_inline += 1
+        else:  # could not copy everything: not again before the WAL has grown further
+            self._wal_inline_at = self._wal_pages + self._wal_threshold
 
     def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int]:
         """Copy the WAL into the database file; returns (WAL frames, frames copied).
@@ -828,8 +848,9 @@ class Store:
 
     @property
     def checkpoints_inline(self) -> int:
-        """Checkpoints the committing thread ran because the WAL reached its limit."""
-        return self._tx.checkpoints_inline
+        """Checkpoints the committing thread ran (and finished) because the WAL reached
+        its limit."""
+        return self._checkpoints_inline
 
     @property
     def commits(self) -> int:
@@ -1741,13 +1762,13 @@ class _Transaction:
     """`with db:` that counts commits and turns storage failures into StorageUnavailable
     (SPEC error 5003). Reused: one per store."""
 
-    __slots__ = ("_db", "checkpoint_after_commit", "checkpoints_inline", "commits")
+    __slots__ = ("_db", "after_limit", "checkpoint_after_commit", "commits")
 
     def __init__(self, db: apsw.Connection) -> None:
         self._db = db
         self.commits = 0
         self.checkpoint_after_commit = False  # set by the WAL hook (checkpoint_elsewhere)
-        self.checkpoints_inline = 0
+        self.after_limit: Callable[[], None] | None = None  # what to run then
 
     def __enter__(self) -> None:
         self._db.__enter__()
@@ -1762,19 +1783,10 @@ class _Transaction:
         if exc is None:
             self.commits += 1
             if self.checkpoint_after_commit and not self._db.in_transaction:
-                self._checkpoint_here()
+                self.checkpoint_after_commit = False
+                if self.after_limit is not None:
+                    self.after_limit()
         return False
-
-    def _checkpoint_here(self) -> None:
-        """A PASSIVE checkpoint on the writing connection, between two commits. Busy
-        (another thread's checkpoint is running) or refused by the disk: the commit
-        stands, and the next commit tries again."""
-        try:
-            self._db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
-        except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.ReadOnlyError):
-            return
-        self.checkpoint_after_commit = False
-        self.checkpoints_inline += 1
 
 
 def _storage_advice(err: BaseException, os_errno: int = 0) -> str:

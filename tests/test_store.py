@@ -651,6 +651,37 @@ def test_a_checkpointer_that_falls_behind_cannot_let_the_wal_grow_without_bound(
     assert store.get(enqueue(store).job.id).state is State.QUEUED
 
 
+def test_a_writer_checkpoint_that_cannot_finish_waits_for_more_growth(store):
+    store.checkpoint_elsewhere(lambda pages: None, threshold_pages=30, limit_pages=60)
+    attempts = []
+    checkpoint = store._tx.after_limit
+    store._tx.after_limit = lambda: (attempts.append(1), checkpoint())
+    reader = apsw.Connection(store.path)  # holds a snapshot: no checkpoint can finish
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM jobs").fetchall()
+    for i in range(200):  # about 1,000 WAL frames
+        enqueue(store, subject_key=f"k{i}")
+    assert 0 < len(attempts) < 60  # once per 30 pages of growth, not after every commit
+    assert store.checkpoints_inline == 0  # none finished: none counted
+    reader.execute("COMMIT")
+    reader.close()
+    for i in range(20):
+        enqueue(store, subject_key=f"later{i}")
+    assert store.checkpoints_inline >= 1
+
+
+def test_a_failing_writer_checkpoint_never_fails_the_commit_before_it(store):
+    store.checkpoint_elsewhere(lambda pages: None, threshold_pages=5, limit_pages=10)
+    enqueue(store)
+    enqueue(store)
+    cursor = store.connection.cursor()  # a read left open: a checkpoint here fails
+    cursor.execute("SELECT seq FROM jobs")
+    next(cursor)
+    stored = [enqueue(store, subject_key=f"k{i}").job.id for i in range(30)]
+    cursor.close()
+    assert [store.get(job_id).state for job_id in stored] == [State.QUEUED] * 30
+
+
 def test_ttl_bounds_only_the_first_start_so_retries_do_not_expire(store, rng):
     job = enqueue(store, ttl_ms=1000).job
     claim(store, now=NOW + 10)

@@ -385,6 +385,8 @@ class Server:
                 await self._answer_ndjson(conn, line)
                 if self._draining:
                     return
+                if b"\n" in buf:  # pipelined: let other clients in between two answers
+                    await trio.lowlevel.checkpoint()
             started = trio.current_time()
 
     async def _answer_ndjson(self, conn: Conn, message: bytes) -> None:
@@ -640,8 +642,9 @@ class Server:
 async def _send_now(stream: trio.SocketStream, data: bytes) -> None:
     """Write a reply straight to the socket when its buffer takes it all, else
     through trio. trio's `send_all` yields to the scheduler after every send, which
-    cost a pass of the event loop per request; the next read is still a
-    schedule point, so one connection cannot keep the loop to itself."""
+    cost a pass of the event loop per request. The caller yields instead where
+    that matters: the next read is a schedule point, and a pipelining client's
+    next line waits for one (`_serve_ndjson`)."""
     try:
         sent = os.write(stream.socket.fileno(), data)
     except BlockingIOError:

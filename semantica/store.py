@@ -522,8 +522,10 @@ SQL_STATS = "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state"
 _MODES = {mode.value: mode for mode in domain.ExecutionMode}
 
 # Random bits of job ids: seeded from the OS, and again in a forked child so that two
-# processes never share the sequence. Uniqueness is all ids need, not secrecy; a
-# getrandom() call per job cost more than the rest of the id.
+# processes never share the sequence. Uniqueness is all ids need, not secrecy: only a
+# client the daemon let in sees them, and guessing one grants nothing. (RFC 9562 says
+# SHOULD for a CSPRNG; this one is predictable after enough ids.) A getrandom() call
+# per job cost more than the rest of the id.
 _id_random = random.Random()
 os.register_at_fork(after_in_child=_id_random.seed)
 

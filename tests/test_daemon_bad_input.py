@@ -746,6 +746,30 @@ def test_ndjson_connection_survives_bad_lines(daemon):
     assert_serving(daemon)
 
 
+def test_a_pipelining_client_does_not_keep_the_daemon_from_others(daemon):
+    """Lines already buffered are answered one per turn of the event loop, so a
+    client that pipelines many calls cannot make another wait for all of them."""
+    other, other_buf = unix_socket(daemon), bytearray()
+    other.sendall(rpc("queues.list.v1", None, "warm-up") + b"\n")
+    assert json.loads(read_line(other, other_buf))["id"] == "warm-up"
+    count = 800
+    other_line = rpc("queues.list.v1", None, "other") + b"\n"
+    flood_lines = b"".join(rpc("queues.list.v1", None, i) + b"\n" for i in range(count))
+    flood, flood_buf = unix_socket(daemon), bytearray()
+    flood.sendall(flood_lines)
+    assert json.loads(read_line(flood, flood_buf))["id"] == 0  # it is being answered
+    other.sendall(other_line)
+    assert json.loads(read_line(other, other_buf))["id"] == "other"
+    # The daemon reads the flood in pieces of about 170 lines; it used to answer a
+    # whole piece before looking at anyone else (yielding now, 1-30 came first).
+    answered_first = flood.recv(1 << 22, socket.MSG_PEEK).count(b"\n")
+    assert answered_first < 100
+    replies = [json.loads(read_line(flood, flood_buf)) for _ in range(count - 1)]
+    assert [r["id"] for r in replies] == list(range(1, count))
+    flood.close()
+    other.close()
+
+
 def test_invalid_notifications_are_answered_with_null_id(daemon):
     """A notification that is not a valid request still gets an error (id null)."""
     before = snapshot(daemon)

@@ -593,6 +593,23 @@ def test_job_ids_are_uuid7_ordered_by_time():
     assert len(same_ms) == 1000
 
 
+def test_a_forked_process_draws_other_job_ids_than_its_parent():
+    from semantica.store import new_job_id
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids, through the pipe
+        os.close(read_end)
+        os.write(write_end, "\n".join(new_job_id(5) for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write_end)
+    parent_ids = {new_job_id(5) for _ in range(20)}
+    with os.fdopen(read_end, "rb") as pipe:
+        child_ids = set(pipe.read().decode().split("\n"))
+    os.waitpid(pid, 0)
+    assert len(child_ids) == 20 and not parent_ids & child_ids
+
+
 def test_group_sync_defers_fsync_to_sync_wal(tmp_path):
     s = Store.open(tmp_path / "g.db", group_sync=True)
     try:

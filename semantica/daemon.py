@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gc
 import os
 import secrets
 import signal
@@ -303,6 +304,11 @@ async def serve(cfg: Config) -> None:
                 daemon.start_soon(_watch_signals, shutdown, force)
                 async with trio.open_nursery() as serving:
                     await serving.start(server.serve, listeners)
+                    # What start-up made lives as long as the daemon: out of the cycle
+                    # collector's sight, its full passes no longer walk all of it
+                    # (they cost an enqueue_batch about a tenth of its time).
+                    gc.collect()
+                    gc.freeze()
                     sd_notify("READY=1")
                     log.event(
                         "daemon_started",

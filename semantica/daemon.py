@@ -306,7 +306,7 @@ async def serve(cfg: Config) -> None:
                     await serving.start(server.serve, listeners)
                     # What start-up made lives as long as the daemon: out of the cycle
                     # collector's sight, its full passes no longer walk all of it
-                    # (they cost an enqueue_batch about a tenth of its time).
+                    # (they took 8 % of an enqueue_batch's time, and 2.5 % now).
                     gc.collect()
                     gc.freeze()
                     sd_notify("READY=1")

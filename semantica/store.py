@@ -1782,9 +1782,9 @@ class _Transaction:
             raise StorageUnavailable(_storage_advice(err, self._db.system_errno)) from err
         if isinstance(exc, apsw.FullError | apsw.ReadOnlyError | apsw.IOError | apsw.CantOpenError):
             raise StorageUnavailable(_storage_advice(exc, self._db.system_errno)) from exc
-        if exc is None:
+        if exc is None and not self._db.in_transaction:  # a commit, not a savepoint's release
             self.commits += 1
-            if self.checkpoint_after_commit and not self._db.in_transaction:
+            if self.checkpoint_after_commit:
                 self.checkpoint_after_commit = False
                 if self.after_limit is not None:
                     self.after_limit()

@@ -628,6 +628,15 @@ def test_group_sync_defers_fsync_to_sync_wal(tmp_path):
     normal.close()
 
 
+def test_store_calls_inside_one_transaction_count_as_one_commit(store):
+    before = store.commits
+    with store.transaction():
+        enqueue(store)
+        enqueue(store)  # each call's own transaction is a savepoint here
+        assert store.commits == before
+    assert store.commits == before + 1
+
+
 def test_claim_does_not_change_the_durability_of_other_writes(store):
     enqueue(store)
     claim(store)

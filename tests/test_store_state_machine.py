@@ -352,13 +352,15 @@ class StoreMachine(RuleBasedStateMachine):
     )
     def enqueue_batches(self, groups: list[tuple[list[Spec], int | None]]):
         """Batches, all or nothing: one is `enqueue_batch`; several share one transaction
-        (the daemon's group commit) and a refused one must not disturb the others."""
+        (the daemon's group commit: single enqueues and batches, plain ones without a
+        savepoint of their own) and a refused one must not disturb the others."""
         if len(groups) == 1:
             return self._enqueue_batch(*groups[0])
         batches = [self._draft(specs, bad_at) for specs, bad_at in groups]
         view = self._view()
+        # A group of one is what the daemon makes of a single dev.enqueue.v1 call.
         outcomes = self.store.enqueue_groups(
-            [EnqueueGroup(reqs, batch=True) for reqs in batches], now=self.now
+            [EnqueueGroup(reqs, batch=len(reqs) > 1) for reqs in batches], now=self.now
         )
         assert len(outcomes) == len(batches)
         results = []

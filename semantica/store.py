@@ -792,7 +792,6 @@ class Store:
         self._wal_threshold = threshold_pages
         self._wal_limit = limit_pages if limit_pages is not None else 4 * threshold_pages
         self._wal_inline_at = self._wal_limit
-        self._tx.after_limit = self._checkpoint_after_commit
         tx = self._tx
         due = threshold_pages  # WAL pages at which to ask for the next checkpoint
 
@@ -803,7 +802,7 @@ class Store:
                 self._wal_inline_at = self._wal_limit
             self._wal_pages = pages
             if pages >= self._wal_inline_at:
-                tx.checkpoint_after_commit = True
+                tx.after_commit = self._checkpoint_after_commit
             elif pages >= due:
                 due = pages + threshold_pages
                 on_wal_grown(pages)
@@ -1764,13 +1763,13 @@ class _Transaction:
     """`with db:` that counts commits and turns storage failures into StorageUnavailable
     (SPEC error 5003). Reused: one per store."""
 
-    __slots__ = ("_db", "after_limit", "checkpoint_after_commit", "commits")
+    __slots__ = ("_db", "after_commit", "commits")
 
     def __init__(self, db: apsw.Connection) -> None:
         self._db = db
         self.commits = 0
-        self.checkpoint_after_commit = False  # set by the WAL hook (checkpoint_elsewhere)
-        self.after_limit: Callable[[], None] | None = None  # what to run then
+        # Run once after the next commit; set by the WAL hook (checkpoint_elsewhere).
+        self.after_commit: Callable[[], None] | None = None
 
     def __enter__(self) -> None:
         self._db.__enter__()
@@ -1784,10 +1783,9 @@ class _Transaction:
             raise StorageUnavailable(_storage_advice(exc, self._db.system_errno)) from exc
         if exc is None and not self._db.in_transaction:  # a commit, not a savepoint's release
             self.commits += 1
-            if self.checkpoint_after_commit:
-                self.checkpoint_after_commit = False
-                if self.after_limit is not None:
-                    self.after_limit()
+            if (run := self.after_commit) is not None:
+                self.after_commit = None
+                run()
         return False
 
 

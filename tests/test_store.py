@@ -680,8 +680,8 @@ def test_a_checkpointer_that_falls_behind_cannot_let_the_wal_grow_without_bound(
 def test_a_writer_checkpoint_that_cannot_finish_waits_for_more_growth(store):
     store.checkpoint_elsewhere(lambda pages: None, threshold_pages=30, limit_pages=60)
     attempts = []
-    checkpoint = store._tx.after_limit
-    store._tx.after_limit = lambda: (attempts.append(1), checkpoint())
+    checkpoint = store._checkpoint_after_commit
+    store._checkpoint_after_commit = lambda: (attempts.append(1), checkpoint())
     reader = apsw.Connection(store.path)  # holds a snapshot: no checkpoint can finish
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM jobs").fetchall()

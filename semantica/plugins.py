@@ -33,7 +33,6 @@ runner process, so it stays cheap: msgspec and the standard library only.
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -225,6 +224,8 @@ class RunnerInfo(msgspec.Struct, kw_only=True):
 
 def installed_runners() -> dict[str, RunnerInfo]:
     """Every installed runner plugin by lower-cased job type. Imports no plugin code."""
+    import importlib.metadata  # here: a runner process that never asks does not pay for it
+
     found: dict[str, RunnerInfo] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)

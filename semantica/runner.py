@@ -236,11 +236,11 @@ _loaded_plugins: dict[str, Any] = {}  # a WARM worker loads each plugin once
 
 def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
     """The plugin registered as `job_type` (any case), or a permanent failure saying why."""
-    import importlib.metadata
-
     wanted = job_type.lower()
     if (plugin := _loaded_plugins.get(wanted)) is not None:
         return plugin, None
+    import importlib.metadata  # only here: a forked runner has its plugin loaded already
+
     entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     for ep in entry_points:  # the first one of a name wins, as in installed_runners()
         if ep.name.lower() == wanted:

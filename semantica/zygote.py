@@ -67,18 +67,61 @@ _decode_request = msgspec.json.Decoder(SpawnRequest).decode
 
 def _preload_plugins() -> None:
     """Import every installed plugin now, so each child starts with them loaded."""
-    import importlib.metadata
-
-    for ep in importlib.metadata.entry_points(group=runner.ENTRY_POINT_GROUP):
-        name = ep.name.lower()
+    for name, target in _entry_points():
+        name = name.lower()
         if name in runner._loaded_plugins:
-            continue
+            continue  # the first one of a name wins, as in installed_runners()
         try:
-            plugin = ep.load()
+            plugin = _load_target(target)
         except Exception:  # the child that needs it reports why, in its job's log
             continue
         if callable(plugin):
             runner._loaded_plugins[name] = plugin
+
+
+def _entry_points() -> list[tuple[str, str]]:
+    """(name, "module:attr") of every installed plugin, in entry point order.
+
+    Read in a throwaway child: importlib.metadata and what it imports (email, zipfile,
+    csv...) are about 5 MB of heap, and each fork copies the page tables of the whole
+    heap, so the zygote must not hold them. A child that needs a plugin not preloaded
+    still finds it through importlib.metadata itself (runner._load_plugin).
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            import importlib.metadata
+
+            found = importlib.metadata.entry_points(group=runner.ENTRY_POINT_GROUP)
+            data = _encode([(ep.name, ep.value) for ep in found])
+            while data:
+                data = data[os.write(write_fd, data) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with open(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    try:
+        return [(str(n), str(t)) for n, t in msgspec.json.decode(data)]
+    except (msgspec.DecodeError, TypeError, ValueError):
+        return []  # the children look each plugin up themselves
+
+
+def _load_target(target: str) -> object:
+    """What EntryPoint.load() returns for "package.module:attr.attr [extras]"."""
+    import importlib
+
+    module, _, attrs = target.partition(":")
+    obj: object = importlib.import_module(module.strip())
+    for attr in attrs.split("[", 1)[0].strip().split("."):
+        if attr:
+            obj = getattr(obj, attr)
+    return obj
 
 
 def _recv_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:

@@ -86,6 +86,19 @@ def test_each_job_is_a_fresh_process_forked_by_the_zygote(daemon):
     assert "semantica.zygote" in " ".join(psutil.Process(zygote).cmdline())
 
 
+def test_a_forked_runner_starts_with_the_plugins_loaded_and_not_their_discovery(daemon):
+    """The zygote imports every plugin, but reads the entry points in a throwaway
+    child: importlib.metadata (email, zipfile, csv...) would add megabytes to the heap
+    whose page tables each fork copies."""
+    with daemon.client() as c:
+        loaded = [
+            call(c, "sys:modules.__contains__", name)
+            for name in ("semantica_runners.index_file", "semantica_runners.shell")
+        ]
+        assert loaded == [True, True]
+        assert call(c, "sys:modules.__contains__", "importlib.metadata") is False
+
+
 def test_a_forked_runner_has_the_jobs_sandbox(daemon):
     with daemon.client() as c:
         assert call(c, "os:getenv", "DAEMON_SECRET") is None

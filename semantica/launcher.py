@@ -32,7 +32,7 @@ import trio
 from semantica import log
 from semantica.domain import ExecutionMode, Job, Outcome
 from semantica.plugins import Progress, Result, RunSpec, WarmJob
-from semantica.runner import open_job_log
+from semantica.runner import open_job_log, read_small
 
 ZYGOTE_START_TIMEOUT_S = 30.0
 ZYGOTE_REPLY_TIMEOUT_S = 10.0
@@ -69,11 +69,38 @@ def runner_environment(
 
 
 def process_start_time(pid: int) -> int | None:
-    """The process's start time (Unix milliseconds), to tell a reused PID apart."""
+    """The process's start time (Unix milliseconds), to tell a reused PID apart: what
+    start_ms(psutil.Process(pid)) gives. On Linux it is read here in three system
+    calls; psutil's Process() and boot_time() read two files through buffered
+    objects, a tenth of the daemon's time for a SUBPROCESS job."""
+    if _PROC_STAT:
+        try:
+            stat = read_small(f"/proc/{pid}/stat".encode())
+            # After the command's closing parenthesis: field 3 (state) onwards; the
+            # start time in clock ticks since boot is field 22.
+            ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
+            return round((ticks / _CLOCK_TICKS + _boot_time()) * 1000)
+        except (OSError, ValueError, IndexError):
+            return None
     try:
         return start_ms(psutil.Process(pid))
     except psutil.Error:
         return None
+
+
+_PROC_STAT = sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if _PROC_STAT else 100
+_boot_time_s: float | None = None
+
+
+def _boot_time() -> float:
+    """psutil.boot_time(), read once per daemon (it parses /proc/stat). The kernel
+    derives it from the wall clock, so a clock step moves it: read once, the start
+    times this daemon records stay comparable with each other across a step."""
+    global _boot_time_s
+    if _boot_time_s is None:
+        _boot_time_s = psutil.boot_time()
+    return _boot_time_s
 
 
 def start_ms(proc: psutil.Process) -> int:

@@ -198,14 +198,14 @@ def _own_fitness() -> tuple[int | None, bool | None]:
     """(resident bytes, whether this process has children), read from /proc on Linux;
     (None, None) elsewhere, and the daemon looks for itself."""
     try:
-        rss = int(_read_small(b"/proc/self/statm").split()[1]) * _PAGE_SIZE
-        children = bool(_read_small(f"/proc/self/task/{os.getpid()}/children".encode()).strip())
+        rss = int(read_small(b"/proc/self/statm").split()[1]) * _PAGE_SIZE
+        children = bool(read_small(f"/proc/self/task/{os.getpid()}/children".encode()).strip())
     except (OSError, ValueError, IndexError):
         return None, None
     return rss, children
 
 
-def _read_small(path: bytes) -> bytes:
+def read_small(path: bytes) -> bytes:
     """A small /proc file in three system calls (open() buffered took eight)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

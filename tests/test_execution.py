@@ -16,7 +16,7 @@ from harness import live_group_members, remove_home, start_daemon
 
 import semantica
 from semantica.domain import EnqueueRequest, State
-from semantica.launcher import start_ms
+from semantica.launcher import process_start_time, start_ms
 from semantica.store import Conditions, Store
 
 FAST_RETRY = {"backoff_base_ms": 20, "backoff_factor": 1.0}
@@ -418,6 +418,24 @@ def test_recovery_kills_a_live_runner_with_its_group_but_not_a_reused_pid():
             proc.wait()
         d.stop()
         remove_home(d.home)
+
+
+def test_a_process_start_time_is_psutils_even_when_its_name_has_parentheses(tmp_path):
+    """The start time recorded for a runner is read from /proc directly; recovery
+    compares it with psutil's reading, so the two must agree to the millisecond."""
+    odd = tmp_path / "a) b (c"
+    odd.write_bytes(open("/bin/sleep", "rb").read())
+    odd.chmod(0o700)
+    proc = subprocess.Popen([str(odd), "5"])
+    try:
+        time.sleep(0.05)
+        assert psutil.Process(proc.pid).name() == "a) b (c"
+        for pid in (proc.pid, os.getpid(), 1):
+            assert process_start_time(pid) == start_ms(psutil.Process(pid))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_start_time(proc.pid) is None
 
 
 def test_sigterm_requeues_running_jobs_after_the_grace():

@@ -18,6 +18,13 @@ Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daem
   <- {"ready": pid}            (once, at start)
 EOF on the socket: the daemon is gone or done; the zygote exits.
 
+One process is forked ahead (the spare): it leaves the zygote's session and waits
+on a socket of its own. A request goes to it, so the daemon's request is answered
+without waiting for a fork; the zygote forks the next spare after it replies, while
+that job starts. Should the spare be gone (killed while it waited) or not forked
+(at the process limit), the request forks a child for itself, as it would without
+spares. A spare is not one of the runners whose exit is reported until it has a job.
+
 The zygote is a child subreaper (Linux): what a runner forked and left behind is
 re-parented to it and reaped here, so a killed fork bomb's processes do not linger as
 zombies holding the user's process slots where init does not reap them. Only the
@@ -139,13 +146,39 @@ def _recv_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     return data, list(fds)
 
 
-def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
-    """In the forked child: become the job's runner process. Never returns."""
+def _leave_zygote(inherited: list[int]) -> None:
+    """In a forked child, first: its own session and process group, the default
+    signal handling, and none of the zygote's sockets or pipes."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _spare(control: socket.socket, zygote_pid: int) -> None:
+    """In a spare: wait for the request of the job this process will run, then run
+    it as a child forked for it would. Never returns. EOF (the zygote is gone or
+    stopping): exit."""
     code = 1
     try:
-        os.setsid()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        received = _recv_request(control)
+        control.close()
+        if received is None:
+            code = 0
+        else:
+            data, fds = received
+            _child(_decode_request(data), fds, zygote_pid)
+    finally:
+        os._exit(code)
+
+
+def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
+    """In the forked child (after _leave_zygote): become the job's runner process.
+    Never returns."""
+    code = 1
+    try:
         stdin_fd, result_fd = fds
         try:
             log_fd = runner.open_job_log(request.log_path)
@@ -193,6 +226,7 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
 
 
 _children: set[int] = set()  # the runners forked here, until their exit is reported
+_spares: set[int] = set()  # forked ahead, waiting for a job (their exits are not reported)
 _stopping = threading.Lock()  # held to fork, and to stop the runners
 _stopped = False
 
@@ -203,7 +237,7 @@ def _stop_children() -> None:
     global _stopped
     with _stopping:
         _stopped = True
-        groups = list(_children)
+        groups = list(_children | _spares)
         if not groups:
             return
         for pgid in groups:
@@ -215,11 +249,13 @@ def _stop_children() -> None:
             with contextlib.suppress(ChildProcessError):
                 while (pid := os.waitpid(-1, os.WNOHANG)[0]) > 0:
                     _children.discard(pid)
+                    _spares.discard(pid)
             groups = [g for g in groups if _group_exists(g)]
         for pgid in groups:
             with contextlib.suppress(OSError):
                 os.killpg(pgid, signal.SIGKILL)
         _children.clear()
+        _spares.clear()
 
 
 def _group_exists(pgid: int) -> bool:
@@ -255,6 +291,8 @@ def _serve(sock: socket.socket) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd fires
     sock.sendall(_encode({"ready": zygote_pid}))
+    inherited = [sock.fileno(), wake_r, wake_w]
+    spare = _fork_spare(zygote_pid, inherited)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -279,26 +317,81 @@ def _serve(sock: socket.socket) -> int:
                     os.close(fd)
                 sock.sendall(_encode({"refused": str(exc)}))
                 continue
-            with _stopping:  # no fork while the runners are being stopped, or after
-                try:
-                    if _stopped:
-                        raise OSError("the zygote is stopping: the daemon is gone")
-                    pid = os.fork()
-                except OSError as exc:  # EAGAIN at the process limit, ENOMEM: this job only
-                    for fd in fds:
-                        os.close(fd)
-                    sock.sendall(_encode({"failed": f"fork failed: {exc}"}))
-                    continue
-                if pid == 0:
-                    sock.close()
-                    os.close(wake_r)
-                    os.close(wake_w)
-                    _child(request, fds, zygote_pid)
-                children.add(pid)
+            pid = _hand_to_spare(spare, data, fds) if spare is not None else None
+            if pid is None:
+                pid = _fork_child(request, fds, zygote_pid, inherited)
             for fd in fds:
                 os.close(fd)
+            if isinstance(pid, str):
+                sock.sendall(_encode({"failed": pid}))
+                continue
             sock.sendall(_encode({"spawned": pid}))
+            # The next job's process, forked now, while this one starts: the fork is
+            # off the path from the daemon's request to a running job.
+            spare = _fork_spare(zygote_pid, inherited)
         _report_exits(sock, children)
+
+
+def _fork_spare(zygote_pid: int, inherited: list[int]) -> tuple[int, socket.socket] | None:
+    """Fork the process for the next job ahead of its request: (pid, the socket its
+    request goes to), or None when it cannot be forked now (the next request forks
+    a child for itself then)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with _stopping:
+        try:
+            if _stopped:
+                raise OSError("the zygote is stopping")
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            _leave_zygote([*inherited, ours.fileno()])
+            _spare(theirs, zygote_pid)
+        _spares.add(pid)
+    theirs.close()
+    return pid, ours
+
+
+def _hand_to_spare(spare: tuple[int, socket.socket], data: bytes, fds: list[int]) -> int | None:
+    """Pass a request to the spare (it becomes that job's runner): its pid, or None
+    if it is gone (killed while it waited: it is reaped, not reported)."""
+    pid, control = spare
+    with _stopping:
+        _spares.discard(pid)
+        if _stopped:
+            control.close()
+            return None
+        _children.add(pid)
+    try:
+        control.sendmsg(
+            [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        )
+    except OSError:
+        _children.discard(pid)
+        return None
+    finally:
+        control.close()
+    return pid
+
+
+def _fork_child(
+    request: SpawnRequest, fds: list[int], zygote_pid: int, inherited: list[int]
+) -> int | str:
+    """Fork a runner for this request: its pid, or why it could not be forked."""
+    with _stopping:  # no fork while the runners are being stopped, or after
+        try:
+            if _stopped:
+                raise OSError("the zygote is stopping: the daemon is gone")
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN at the process limit, ENOMEM: this job only
+            return f"fork failed: {exc}"
+        if pid == 0:
+            _leave_zygote(inherited)
+            _child(request, fds, zygote_pid)
+        _children.add(pid)
+    return pid
 
 
 def _report_exits(sock: socket.socket, children: set[int]) -> None:
@@ -311,6 +404,7 @@ def _report_exits(sock: socket.socket, children: set[int]) -> None:
             return
         if pid == 0:
             return
+        _spares.discard(pid)  # a spare killed while it waited: the next job forks anew
         if pid in children:
             children.discard(pid)
             sock.sendall(_encode({"exited": pid, "status": os.waitstatus_to_exitcode(status)}))

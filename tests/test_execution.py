@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -424,8 +425,7 @@ def test_a_process_start_time_is_psutils_even_when_its_name_has_parentheses(tmp_
     """The start time recorded for a runner is read from /proc directly; recovery
     compares it with psutil's reading, so the two must agree to the millisecond."""
     odd = tmp_path / "a) b (c"
-    odd.write_bytes(open("/bin/sleep", "rb").read())
-    odd.chmod(0o700)
+    shutil.copy("/bin/sleep", odd)
     proc = subprocess.Popen([str(odd), "5"])
     try:
         time.sleep(0.05)

@@ -51,8 +51,19 @@ HOLDER_SOURCE = textwrap.dedent(
             if forked >= most:
                 raise RuntimeError("the process limit never stopped the forks")
         ctx.progress(1.0, f"holding {forked} processes")
-        while not ctx.cancelled():
-            time.sleep(0.005)
+        while not ctx.cancelled():  # and take each slot that frees up
+            try:
+                pid = os.fork()
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(60)
+                os._exit(0)
+            forked += 1
+            if forked >= most:
+                raise RuntimeError("the process limit never stopped the forks")
         return forked
     """
 )
@@ -196,15 +207,30 @@ def limited(tmp_path_factory):
 
 
 def only_daemon_and_zygote_left(d: Daemon, zygote: int, timeout: float = 1.0) -> None:
-    """Wait until nobody's processes are the daemon and its zygote: not one process of
-    the jobs is left, not even a zombie holding a process slot."""
+    """Wait until nobody's processes are the daemon, its zygote and at most the
+    zygote's spare (the process forked ahead for the next job: a session of its own,
+    no children): not one process of the jobs is left, not even a zombie holding a
+    process slot. (What a job forks stays in the job's session.)"""
     deadline = time.monotonic() + timeout
     while True:
-        left = nobody_processes()
-        if {pid for pid, _state, _threads in left} == {d.proc.pid, zygote}:
+        left = {pid for pid, _state, _threads in nobody_processes()} - {d.proc.pid, zygote}
+        if len(left) <= 1 and all(is_spare(pid, zygote) for pid in left):
             return
-        assert time.monotonic() < deadline, f"left: {left}"
+        assert time.monotonic() < deadline, f"left: {nobody_processes()}"
         time.sleep(0.01)
+
+
+def is_spare(pid: int, zygote: int) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return (
+            proc.ppid() == zygote
+            and os.getsid(pid) == pid
+            and proc.status() == psutil.STATUS_SLEEPING
+            and not proc.children()
+        )
+    except (psutil.Error, OSError):
+        return False
 
 
 def test_a_fork_bomb_is_contained_by_the_process_limit(limited):
@@ -244,9 +270,13 @@ def test_the_zygote_survives_a_fork_refused_at_the_process_limit(limited):
             assert not got.is_terminal, got
             assert time.monotonic() < deadline, got
             time.sleep(0.005)
-        # Every slot is taken: the zygote's fork for this job fails, and only this job.
-        refused = c.enqueue(job_type="noop", max_attempts=1)
-        ended = c.wait(refused.id, timeout_ms=10_000)
+        # Every slot is taken: the zygote's fork for a job fails, and only that job's.
+        # (One may run first: on the spare forked before the slots were taken.)
+        for _ in range(3):
+            refused = c.enqueue(job_type="noop", max_attempts=1)
+            ended = c.wait(refused.id, timeout_ms=10_000)
+            if ended.state is not State.DONE:
+                break
         assert (ended.state, ended.error_kind) == (State.FAILED, "spawn"), ended
         assert "fork failed" in ended.error_message and "temporarily" in ended.error_message
         assert psutil.Process(zygote).status() != psutil.STATUS_ZOMBIE
@@ -273,9 +303,41 @@ def _wait_gone(pgid: int, timeout: float) -> list[int]:
     return left
 
 
+def spares_of(zygote: int, timeout: float = 5.0) -> list[int]:
+    """The zygote's spare (the process forked ahead for the next job), once forked."""
+    deadline = time.monotonic() + timeout
+    while not (
+        found := [c.pid for c in psutil.Process(zygote).children() if is_spare(c.pid, zygote)]
+    ):
+        assert time.monotonic() < deadline, "the zygote has no spare"
+        time.sleep(0.01)
+    return found
+
+
+def test_the_next_job_runs_on_the_spare_forked_ahead(daemon):
+    with daemon.client() as c:
+        zygote = call(c, "os:getppid")
+        (spare,) = spares_of(zygote)
+        assert call(c, "os:getpid") == spare
+        (new_spare,) = spares_of(zygote)
+        assert new_spare != spare
+
+
+def test_a_spare_killed_while_it_waits_is_replaced(daemon):
+    with daemon.client() as c:
+        zygote = call(c, "os:getppid")
+        (spare,) = spares_of(zygote)
+        os.kill(spare, signal.SIGKILL)
+        while psutil.pid_exists(spare):  # reaped by the zygote; no job saw it
+            time.sleep(0.01)
+        pid = call(c, "os:getpid")  # forked for itself, then a new spare is forked
+        assert pid != spare and call(c, "os:getppid") == zygote
+        assert spares_of(zygote)
+
+
 def test_a_killed_daemon_takes_its_forked_runners_and_their_children_along():
     # No restart here: the zygote notices the daemon is gone and stops every runner's
-    # whole group, the background `sleep` the job started included.
+    # whole group, the background `sleep` the job started included, and its spare.
     d = start_daemon(SEMANTICA_WORKERS="2")
     try:
         with d.client() as c:
@@ -285,8 +347,10 @@ def test_a_killed_daemon_takes_its_forked_runners_and_their_children_along():
             while len(live_group_members(runner)) < 3:  # the runner, sh, and the sleep
                 assert time.monotonic() < deadline, live_group_members(runner)
                 time.sleep(0.02)
+            (spare,) = spares_of(psutil.Process(runner).ppid())
         d.kill()
         assert _wait_gone(runner, 10) == []
+        assert _wait_gone(spare, 10) == []
     finally:
         remove_home(d.home)
 

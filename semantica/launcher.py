@@ -196,6 +196,15 @@ class Launcher:
         self.zygote = Zygote(self) if use_zygote and sys.platform == "linux" else None
         self._tree_made = False
 
+    def reserve_fresh_runner(self) -> tuple[int, int] | None:
+        """The process a SUBPROCESS job claimed now would run in, to record with its
+        claim (see Zygote.reserve_spare); None: recorded once it exists."""
+        return None if self.zygote is None else self.zygote.reserve_spare()
+
+    def give_back_fresh_runner(self) -> None:
+        if self.zygote is not None:
+            self.zygote.give_back_spare()
+
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
 
@@ -277,7 +286,9 @@ class Launcher:
         deadline_hit = False
         try:
             # Inside the try: if the PID cannot be recorded, the runner is stopped.
-            on_started(proc.pid, process_start_time(proc.pid) or 0)
+            # (The zygote's spare was recorded with the claim, if this is it.)
+            if proc.pid != job.runner_pid:
+                on_started(proc.pid, process_start_time(proc.pid) or 0)
             async with trio.open_nursery() as nursery:
                 if unsent:
                     nursery.start_soon(self._feed_spec, proc, unsent)
@@ -786,6 +797,10 @@ class Zygote:
         self._spawned: list[int | str] = []  # pids, or why a fork failed, in request order
         self._children: dict[int, ZygoteChild] = {}
         self._early_exits: dict[int, int] = {}
+        # The zygote's spare, (pid, start time): the next request's process, unless
+        # it is gone by then. Reserved for a claim until a reply says who forked.
+        self._spare: tuple[int, int] | None = None
+        self._spare_reserved = False
 
     async def _start(self) -> None:
         launcher = self.launcher
@@ -865,6 +880,18 @@ class Zygote:
                     raise ForkUnknown(str(exc)) from None
                 raise AssertionError("unreachable: _died raises")
 
+    def reserve_spare(self) -> tuple[int, int] | None:
+        """(pid, start time) of the process the next request will run in, for the
+        claim of a SUBPROCESS job to record; None if unknown or already reserved.
+        `give_back_spare` if no SUBPROCESS job was claimed."""
+        if self._spare is None or self._spare_reserved:
+            return None
+        self._spare_reserved = True
+        return self._spare
+
+    def give_back_spare(self) -> None:
+        self._spare_reserved = False
+
     def child(self, pid: int, stdin: trio.lowlevel.FdStream | None) -> ZygoteChild:
         proc = ZygoteChild(pid, stdin, self)
         if pid in self._early_exits:
@@ -893,6 +920,12 @@ class Zygote:
                 await self._died("the zygote closed its socket")
             elif "spawned" in message:
                 self._spawned.append(message["spawned"])
+                if self._spare is not None and self._spare[0] == message["spawned"]:
+                    self._spare, self._spare_reserved = None, False  # it has its job
+            elif "spare" in message:
+                start = process_start_time(message["spare"])
+                if start is not None:
+                    self._spare, self._spare_reserved = (message["spare"], start), False
             elif "failed" in message:
                 self._spawned.append(str(message["failed"]))
             elif "exited" in message:
@@ -924,6 +957,7 @@ class Zygote:
         raise ZygoteGone(why)
 
     async def close(self) -> None:
+        self._spare = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -296,6 +296,7 @@ class Dispatcher:
         warm = self.launcher.warm
         while len(self._running) + len(claimed) < self.workers:
             worker = warm.reserve()
+            fresh = self.launcher.reserve_fresh_runner()
             began = time.perf_counter()
             try:
                 job = self.store.claim_next_job(
@@ -303,15 +304,21 @@ class Dispatcher:
                     global_limit=self.workers,
                     conditions=offered,
                     warm_runner=None if worker is None else (worker.pid, worker.start_time),
+                    fresh_runner=fresh,
                 )
             except BaseException:
                 if worker is not None:
                     warm.give_back(worker)
+                if fresh is not None:
+                    self.launcher.give_back_fresh_runner()
                 raise
             self.claim_latency.observe((time.perf_counter() - began) * 1000)
-            if worker is not None and (job is None or job.execution_mode is not ExecutionMode.WARM):
+            mode = None if job is None else job.execution_mode
+            if worker is not None and mode is not ExecutionMode.WARM:
                 warm.give_back(worker)
                 worker = None
+            if fresh is not None and mode is not ExecutionMode.SUBPROCESS:
+                self.launcher.give_back_fresh_runner()
             if job is None:
                 break
             claimed.append((job, worker))

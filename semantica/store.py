@@ -366,10 +366,13 @@ WITH heads (seq) AS MATERIALIZED (
 )
 UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, started_at = :now,
     expires_at = NULL,  -- ttl bounds the wait for a first start; retries never expire
-    -- A WARM job's runner is known before the claim (an idle worker of the pool):
-    -- recorded with it, so the job never counts as RUNNING without its process.
-    runner_pid = CASE WHEN execution_mode = 'WARM' THEN :warm_pid END,
-    runner_start_time = CASE WHEN execution_mode = 'WARM' THEN :warm_start_time END,
+    -- A job's runner known before the claim (an idle worker of the WARM pool, the
+    -- zygote's spare for a fresh process) is recorded with it, so the job never
+    -- counts as RUNNING without its process.
+    runner_pid = CASE execution_mode WHEN 'WARM' THEN :warm_pid
+                                     WHEN 'SUBPROCESS' THEN :fresh_pid END,
+    runner_start_time = CASE execution_mode WHEN 'WARM' THEN :warm_start_time
+                                            WHEN 'SUBPROCESS' THEN :fresh_start_time END,
     progress = NULL, progress_message = NULL
 WHERE (SELECT count(*) FROM jobs WHERE state = 'RUNNING') < :global_limit
   AND seq = (
@@ -1237,6 +1240,7 @@ class Store:
         global_limit: int,
         conditions: Conditions,
         warm_runner: tuple[int, int] | None = None,
+        fresh_runner: tuple[int, int] | None = None,
     ) -> Job | None:
         """Atomically take the best ready job and mark it RUNNING, or return None.
 
@@ -1250,10 +1254,12 @@ class Store:
         runner died with the machine). The next durable commit covers it.
 
         `warm_runner` (pid, start time): the idle WARM worker that would run a WARM
-        job; it is recorded with the claim. Other jobs get their runner recorded
-        once their process exists (`record_runner`).
+        job; `fresh_runner`: the process forked ahead that would run a SUBPROCESS
+        job. The one for the claimed job's mode is recorded with the claim. Other
+        jobs get their runner recorded once their process exists (`record_runner`).
         """
         pid, start_time = warm_runner if warm_runner is not None else (None, None)
+        fresh_pid, fresh_start_time = fresh_runner if fresh_runner is not None else (None, None)
         args = {
             "now": now,
             "global_limit": global_limit,
@@ -1261,6 +1267,8 @@ class Store:
             "on_ac_power": conditions.on_ac_power,
             "warm_pid": pid,
             "warm_start_time": start_time,
+            "fresh_pid": fresh_pid,
+            "fresh_start_time": fresh_start_time,
         }
         with self._no_fsync(), self._writing():
             rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()

@@ -16,6 +16,8 @@ Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daem
                                 limit, ENOMEM; that job only, the zygote carries on)
   <- {"exited": pid, "status": code}   (negative: killed by that signal)
   <- {"ready": pid}            (once, at start)
+  <- {"spare": pid}            (a process forked ahead: the next request's, unless
+                                it is gone by then; see below)
 EOF on the socket: the daemon is gone or done; the zygote exits.
 
 One process is forked ahead (the spare): it leaves the zygote's session and waits
@@ -292,7 +294,7 @@ def _serve(sock: socket.socket) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd fires
     sock.sendall(_encode({"ready": zygote_pid}))
     inherited = [sock.fileno(), wake_r, wake_w]
-    spare = _fork_spare(zygote_pid, inherited)
+    spare = _fork_spare(zygote_pid, inherited, sock)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -328,12 +330,15 @@ def _serve(sock: socket.socket) -> int:
             sock.sendall(_encode({"spawned": pid}))
             # The next job's process, forked now, while this one starts: the fork is
             # off the path from the daemon's request to a running job.
-            spare = _fork_spare(zygote_pid, inherited)
+            spare = _fork_spare(zygote_pid, inherited, sock)
         _report_exits(sock, children)
 
 
-def _fork_spare(zygote_pid: int, inherited: list[int]) -> tuple[int, socket.socket] | None:
-    """Fork the process for the next job ahead of its request: (pid, the socket its
+def _fork_spare(
+    zygote_pid: int, inherited: list[int], sock: socket.socket
+) -> tuple[int, socket.socket] | None:
+    """Fork the process for the next job ahead of its request, and tell the daemon
+    its pid (recorded with the claim of the job it will run): (pid, the socket its
     request goes to), or None when it cannot be forked now (the next request forks
     a child for itself then)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -351,6 +356,7 @@ def _fork_spare(zygote_pid: int, inherited: list[int]) -> tuple[int, socket.sock
             _spare(theirs, zygote_pid)
         _spares.add(pid)
     theirs.close()
+    sock.sendall(_encode({"spare": pid}))
     return pid, ours
 
 

@@ -182,10 +182,12 @@ def is_zombie(pid: int) -> bool:
 
 
 def wait_until_running(client, job_id, timeout=10.0):
+    """The job once its runner runs it: recorded (the zygote's spare is recorded with
+    the claim, before it has the job) and the runner's first log line written."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(job_id)
-        if job.state is State.RUNNING and job.runner_pid:
+        if job.state is State.RUNNING and job.runner_pid and client.logs(job_id).lines:
             return job
         client.wait(job_id, timeout_ms=50)
     raise AssertionError(f"job {job_id} never started: {client.get(job_id)}")

@@ -533,10 +533,21 @@ class NoIdleWorkers:
         return None
 
 
-class HeldLauncher:
-    """Starts nothing: every admitted job stays RUNNING until the test ends."""
+class LauncherDouble:
+    """What the dispatcher asks of a launcher before a claim: no idle WARM worker, no
+    process forked ahead."""
 
     warm = NoIdleWorkers()
+
+    def reserve_fresh_runner(self):
+        return None
+
+    def give_back_fresh_runner(self):
+        raise AssertionError("nothing was reserved")
+
+
+class HeldLauncher(LauncherDouble):
+    """Starts nothing: every admitted job stays RUNNING until the test ends."""
 
     async def run(self, job, **_):
         await trio.sleep_forever()
@@ -709,10 +720,8 @@ async def run_until(dispatcher: Dispatcher, done, timeout: float = 10) -> None:
         nursery.cancel_scope.cancel()
 
 
-class InstantLauncher:
+class InstantLauncher(LauncherDouble):
     """Every attempt ends at once, successfully."""
-
-    warm = NoIdleWorkers()
 
     async def run(self, job, **_):
         return Outcome(result_summary={"ok": True})
@@ -745,10 +754,50 @@ async def test_an_ended_attempt_is_recorded_with_its_successors_claim_and_announ
     assert [j.started_at for j in jobs[1:]] == [j.finished_at for j in jobs[:-1]]
 
 
-class FailsOnceLauncher:
-    """The first attempt of every job fails, asking to be retried at once."""
+class SpareLauncher(InstantLauncher):
+    """A process is forked ahead for the next SUBPROCESS job: (pid, start time)."""
 
-    warm = NoIdleWorkers()
+    def __init__(self) -> None:
+        self.spare: tuple[int, int] | None = (4242, 1_764_600_000_456)
+        self.given_back = 0
+        self.ran = []
+
+    def reserve_fresh_runner(self):
+        spare, self.spare = self.spare, None
+        return spare
+
+    def give_back_fresh_runner(self):
+        self.given_back += 1
+        self.spare = (4242, 1_764_600_000_456)
+
+    async def run(self, job, **_):
+        self.ran.append(job)
+        return await super().run(job)
+
+
+async def test_a_subprocess_job_is_claimed_with_the_process_forked_ahead_for_it(tmp_path):
+    store = Store.open(tmp_path / "meta.db")
+    launcher = SpareLauncher()
+    dispatcher = one_worker_dispatcher(store, launcher, lambda job: None)
+    warm = store.enqueue(EnqueueRequest(job_type="noop", execution_mode="WARM"), now=now_ms())
+    fresh = store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms() + 1)
+    try:
+        await run_until(dispatcher, lambda: len(launcher.ran) == 2)
+    finally:
+        store.close()
+    claimed = {job.id: job for job in launcher.ran}
+    # The WARM job's claim gave the spare back; the SUBPROCESS one counted as RUNNING
+    # with it recorded, before its process was asked for.
+    assert launcher.given_back == 1 and claimed[warm.job.id].runner_pid is None
+    assert (claimed[fresh.job.id].runner_pid, claimed[fresh.job.id].runner_start_time) == (
+        4242,
+        1_764_600_000_456,
+    )
+    assert launcher.spare is None
+
+
+class FailsOnceLauncher(LauncherDouble):
+    """The first attempt of every job fails, asking to be retried at once."""
 
     async def run(self, job, **_):
         if job.attempt == 1:
@@ -787,9 +836,7 @@ async def test_a_retry_due_at_once_is_told_after_the_end_of_the_attempt_before_i
 async def test_the_end_of_a_job_deleted_while_it_ran_does_not_stall_the_dispatcher(tmp_path):
     store = Store.open(tmp_path / "meta.db")
 
-    class DeletingLauncher:
-        warm = NoIdleWorkers()
-
+    class DeletingLauncher(LauncherDouble):
         async def run(self, job, **_):
             if job.user_tag == "doomed":  # cancelled, then removed by maintenance
                 store.cancel(job_id=job.id, now=now_ms())

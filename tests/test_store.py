@@ -864,6 +864,25 @@ def test_a_warm_claim_records_the_reserved_worker_with_the_job(store):
     assert other.id == fresh.job.id and other.runner_pid is None
 
 
+def test_a_claim_records_the_runner_made_ready_for_the_claimed_jobs_mode(store):
+    warm = enqueue(store, execution_mode="WARM")
+    fresh = enqueue(store, now=NOW + 1, execution_mode="SUBPROCESS")
+    runners = {"warm_runner": (4242, 1_764_600_000_456), "fresh_runner": (4343, 1_764_600_000_789)}
+    first = store.claim_next_job(now=NOW + 2, global_limit=10, conditions=ALL_MET, **runners)
+    second = store.claim_next_job(now=NOW + 3, global_limit=10, conditions=ALL_MET, **runners)
+    assert (first.id, first.runner_pid, first.runner_start_time) == (
+        warm.job.id,
+        4242,
+        1_764_600_000_456,
+    )
+    assert (second.id, second.runner_pid, second.runner_start_time) == (
+        fresh.job.id,
+        4343,
+        1_764_600_000_789,
+    )
+    assert store.get(fresh.job.id).runner_pid == 4343
+
+
 def test_a_finish_frees_its_slot_for_a_claim_in_the_same_transaction(store):
     first = enqueue(store)
     second = enqueue(store, now=NOW + 1)

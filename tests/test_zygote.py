@@ -221,13 +221,15 @@ def only_daemon_and_zygote_left(d: Daemon, zygote: int, timeout: float = 1.0) ->
 
 
 def is_spare(pid: int, zygote: int) -> bool:
+    """Whether `pid` is the zygote's spare: its child in a session of its own, with no
+    children, whose stdout is still the zygote's (/dev/null): a runner's is its log."""
     try:
         proc = psutil.Process(pid)
         return (
             proc.ppid() == zygote
             and os.getsid(pid) == pid
-            and proc.status() == psutil.STATUS_SLEEPING
             and not proc.children()
+            and os.readlink(f"/proc/{pid}/fd/1") == os.devnull
         )
     except (psutil.Error, OSError):
         return False
@@ -287,10 +289,12 @@ def test_the_zygote_survives_a_fork_refused_at_the_process_limit(limited):
 
 
 def _running_runner(client, job_id: str, timeout: float = 10.0) -> int:
+    """The runner's pid once it runs the job: recorded (it may be the zygote's spare,
+    recorded with the claim before it has the job) and its first log line written."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(job_id)
-        if job.state is State.RUNNING and job.runner_pid:
+        if job.state is State.RUNNING and job.runner_pid and client.logs(job_id).lines:
             return job.runner_pid
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} never started: {client.get(job_id)}")
@@ -321,6 +325,12 @@ def test_the_next_job_runs_on_the_spare_forked_ahead(daemon):
         assert call(c, "os:getpid") == spare
         (new_spare,) = spares_of(zygote)
         assert new_spare != spare
+        # Recorded with the job's claim: the job is never RUNNING without its process.
+        job = c.enqueue(job_type="sleep", payload={"seconds": 30}, max_attempts=1)
+        while (running := c.get(job.id)).state is State.QUEUED:
+            time.sleep(0.005)
+        assert (running.state, running.runner_pid) == (State.RUNNING, new_spare)
+        c.cancel(job.id)
 
 
 def test_a_spare_killed_while_it_waits_is_replaced(daemon):

@@ -70,16 +70,19 @@ def runner_environment(
 
 def process_start_time(pid: int) -> int | None:
     """The process's start time (Unix milliseconds), to tell a reused PID apart: what
-    start_ms(psutil.Process(pid)) gives. On Linux it is read here in three system
-    calls; psutil's Process() and boot_time() read two files through buffered
-    objects, a tenth of the daemon's time for a SUBPROCESS job."""
+    start_ms(psutil.Process(pid)) gives. On Linux /proc/<pid>/stat is read here in
+    three system calls; psutil's Process() reads it through buffered objects, and
+    more than once."""
     if _PROC_STAT:
         try:
             stat = read_small(f"/proc/{pid}/stat".encode())
             # After the command's closing parenthesis: field 3 (state) onwards; the
             # start time in clock ticks since boot is field 22.
             ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
-            return round((ticks / _CLOCK_TICKS + _boot_time()) * 1000)
+            # The boot time as psutil reads it, afresh: the kernel derives it from the
+            # wall clock, and a start time read after a clock step must agree with
+            # what recovery reads later.
+            return round((ticks / _CLOCK_TICKS + psutil.boot_time()) * 1000)
         except (OSError, ValueError, IndexError):
             return None
     try:
@@ -90,17 +93,6 @@ def process_start_time(pid: int) -> int | None:
 
 _PROC_STAT = sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if _PROC_STAT else 100
-_boot_time_s: float | None = None
-
-
-def _boot_time() -> float:
-    """psutil.boot_time(), read once per daemon (it parses /proc/stat). The kernel
-    derives it from the wall clock, so a clock step moves it: read once, the start
-    times this daemon records stay comparable with each other across a step."""
-    global _boot_time_s
-    if _boot_time_s is None:
-        _boot_time_s = psutil.boot_time()
-    return _boot_time_s
 
 
 def start_ms(proc: psutil.Process) -> int:
@@ -202,8 +194,15 @@ class Launcher:
         return None if self.zygote is None else self.zygote.reserve_spare()
 
     def give_back_fresh_runner(self) -> None:
+        """Free the process reserved for a claim: no SUBPROCESS job was claimed."""
         if self.zygote is not None:
             self.zygote.give_back_spare()
+
+    def release_fresh_runner(self, pid: int) -> None:
+        """A job that recorded `pid` has ended: if that is the spare, still reserved
+        (the job never asked for its process: cancelled first...), free it."""
+        if self.zygote is not None:
+            self.zygote.give_back_spare(pid)
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -271,7 +270,9 @@ class Launcher:
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
         log_path = str(self.log_path(job.id))
         try:
-            proc, unsent = await self._start_runner(env, cwd, log_path, write_fd, _encode(spec))
+            proc, unsent = await self._start_runner(
+                env, cwd, log_path, write_fd, _encode(spec), recorded=job.runner_pid
+            )
         except OSError as exc:  # no process: the process limit (EAGAIN), memory...
             os.close(read_fd)
             return self._not_started(exc, log_path)
@@ -287,8 +288,9 @@ class Launcher:
         try:
             # Inside the try: if the PID cannot be recorded, the runner is stopped.
             # (The zygote's spare was recorded with the claim, if this is it.)
-            if proc.pid != job.runner_pid:
-                on_started(proc.pid, process_start_time(proc.pid) or 0)
+            start = process_start_time(proc.pid) or 0
+            if (proc.pid, start) != (job.runner_pid, job.runner_start_time):
+                on_started(proc.pid, start)
             async with trio.open_nursery() as nursery:
                 if unsent:
                     nursery.start_soon(self._feed_spec, proc, unsent)
@@ -319,7 +321,13 @@ class Launcher:
         return self._outcome(proc.returncode, result[-1] if result else None, deadline_hit, job)
 
     async def _start_runner(
-        self, env: dict[str, str], cwd: Path, log_path: str, result_fd: int, spec: bytes
+        self,
+        env: dict[str, str],
+        cwd: Path,
+        log_path: str,
+        result_fd: int,
+        spec: bytes,
+        recorded: int | None = None,
     ) -> tuple[trio.Process | ZygoteChild, bytes]:
         """A fresh runner process and what of its `spec` is still to be written to its
         stdin: forked by the zygote (which opens the job's log itself, off the event
@@ -341,7 +349,12 @@ class Launcher:
             child_env = {k: v for k, v in env.items() if k not in RUNNER_SETUP_VARS}
             try:
                 pid = await self.zygote.spawn(
-                    child_env, cwd, log_path, env["SEMANTICA_RLIMITS"], (stdin_r, result_fd)
+                    child_env,
+                    cwd,
+                    log_path,
+                    env["SEMANTICA_RLIMITS"],
+                    (stdin_r, result_fd),
+                    recorded=recorded,
                 )
             except ZygoteGone:
                 if stdin is not None:
@@ -837,16 +850,30 @@ class Zygote:
         raise ZygoteGone("the zygote did not say it was ready")
 
     async def spawn(
-        self, env: dict[str, str], cwd: Path, log_path: str, rlimits: str, fds: tuple[int, int]
+        self,
+        env: dict[str, str],
+        cwd: Path,
+        log_path: str,
+        rlimits: str,
+        fds: tuple[int, int],
+        recorded: int | None = None,
     ) -> int:
         """Fork a runner with these (stdin, result) fds, its output appended to
-        `log_path`; returns its pid."""
+        `log_path`; returns its pid. `recorded`: the pid the job's claim recorded
+        (the spare reserved for it, if it is one)."""
         async with self._request_lock:
             if self.sock is None:
                 await self._start()
             assert self.sock is not None
+            spare = self._spare_for(recorded)
             request = _encode(
-                {"env": env, "cwd": str(cwd), "log_path": log_path, "rlimits": rlimits}
+                {
+                    "env": env,
+                    "cwd": str(cwd),
+                    "log_path": log_path,
+                    "rlimits": rlimits,
+                    "spare": spare,
+                }
             )
             # Not cancellable half-way: a reply left unread would be taken as the
             # next request's, and a child forked for nobody would run.
@@ -871,6 +898,8 @@ class Zygote:
                     except ZygoteGone as exc:
                         raise ForkUnknown(str(exc)) from None
                     reply = self._spawned.pop(0)
+                    if spare is not None and self._spare is not None and self._spare[0] == spare:
+                        self._spare, self._spare_reserved = None, False  # used, or gone
                     if isinstance(reply, str):
                         raise ForkFailed(f"the zygote's {reply}")
                     return reply
@@ -881,16 +910,31 @@ class Zygote:
                 raise AssertionError("unreachable: _died raises")
 
     def reserve_spare(self) -> tuple[int, int] | None:
-        """(pid, start time) of the process the next request will run in, for the
-        claim of a SUBPROCESS job to record; None if unknown or already reserved.
+        """(pid, start time) of the spare, for the claim of a SUBPROCESS job to record:
+        that job's request will name it. None if there is none, or it is reserved.
         `give_back_spare` if no SUBPROCESS job was claimed."""
         if self._spare is None or self._spare_reserved:
             return None
         self._spare_reserved = True
         return self._spare
 
-    def give_back_spare(self) -> None:
-        self._spare_reserved = False
+    def give_back_spare(self, pid: int | None = None) -> None:
+        """Free the reservation (of the spare `pid`, if given: a job that recorded it
+        ended without asking for its process)."""
+        if pid is None or (self._spare is not None and self._spare[0] == pid):
+            self._spare_reserved = False
+
+    def _spare_for(self, recorded: int | None) -> int | None:
+        """The spare a request should name: the one its claim recorded, else one no
+        claim has reserved (taken now), else none (the zygote forks for it)."""
+        if self._spare is None:
+            return None
+        if self._spare[0] == recorded:
+            return recorded
+        if self._spare_reserved:
+            return None
+        self._spare_reserved = True
+        return self._spare[0]
 
     def child(self, pid: int, stdin: trio.lowlevel.FdStream | None) -> ZygoteChild:
         proc = ZygoteChild(pid, stdin, self)
@@ -920,12 +964,10 @@ class Zygote:
                 await self._died("the zygote closed its socket")
             elif "spawned" in message:
                 self._spawned.append(message["spawned"])
-                if self._spare is not None and self._spare[0] == message["spawned"]:
-                    self._spare, self._spare_reserved = None, False  # it has its job
             elif "spare" in message:
                 start = process_start_time(message["spare"])
-                if start is not None:
-                    self._spare, self._spare_reserved = (message["spare"], start), False
+                self._spare = None if start is None else (message["spare"], start)
+                self._spare_reserved = False
             elif "failed" in message:
                 self._spawned.append(str(message["failed"]))
             elif "exited" in message:

@@ -468,6 +468,8 @@ class Dispatcher:
             )
         finally:
             del self._running[job.id]
+            if job.runner_pid is not None:
+                self.launcher.release_fresh_runner(job.runner_pid)
             self._job_ended.set()
             self.wake()
         # Recorded by the next look, with the claim of the job that takes its place.

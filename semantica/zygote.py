@@ -8,24 +8,25 @@ the job's environment, directory, log, resource limits and parent watch, set up
 exactly as `python -m semantica.runner` would.
 
 Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daemon:
-  -> {"env": {...}, "cwd": "...", "log_path": "...", "rlimits": "<json>"} with two
-     fds (SCM_RIGHTS): the job's stdin (the RunSpec) and its result channel; the
-     child makes its working directory and opens its log (stdout and stderr)
+  -> {"env": {...}, "cwd": "...", "log_path": "...", "rlimits": "<json>",
+      "spare": pid | null} with two fds (SCM_RIGHTS): the job's stdin (the RunSpec)
+     and its result channel; the child makes its working directory and opens its
+     log (stdout and stderr). "spare": run it on that spare (see below)
   <- {"spawned": pid}          (in request order)
   <- {"failed": "why"}         (instead, when the fork failed: EAGAIN at the process
                                 limit, ENOMEM; that job only, the zygote carries on)
   <- {"exited": pid, "status": code}   (negative: killed by that signal)
   <- {"ready": pid}            (once, at start)
-  <- {"spare": pid}            (a process forked ahead: the next request's, unless
-                                it is gone by then; see below)
+  <- {"spare": pid}            (a process forked ahead, for a request naming it)
 EOF on the socket: the daemon is gone or done; the zygote exits.
 
 One process is forked ahead (the spare): it leaves the zygote's session and waits
-on a socket of its own. A request goes to it, so the daemon's request is answered
-without waiting for a fork; the zygote forks the next spare after it replies, while
-that job starts. Should the spare be gone (killed while it waited) or not forked
-(at the process limit), the request forks a child for itself, as it would without
-spares. A spare is not one of the runners whose exit is reported until it has a job.
+on a socket of its own. A request naming it goes to it, so the request is answered
+without waiting for a fork (the daemon names the spare it recorded with the job's
+claim, or one no claim has reserved); the zygote forks the next spare after it
+replies, while that job starts. A request naming no spare, or one that is gone
+(killed while it waited), forks a child for itself, as at the process limit, when
+no spare could be forked. A spare's exit is not reported until it has a job.
 
 The zygote is a child subreaper (Linux): what a runner forked and left behind is
 re-parented to it and reaped here, so a killed fork bomb's processes do not linger as
@@ -68,6 +69,7 @@ class SpawnRequest(msgspec.Struct, forbid_unknown_fields=True):
     cwd: str
     log_path: str
     rlimits: str
+    spare: int | None = None  # run it on the spare of this pid (its claim recorded it)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -319,19 +321,23 @@ def _serve(sock: socket.socket) -> int:
                     os.close(fd)
                 sock.sendall(_encode({"refused": str(exc)}))
                 continue
-            pid = _hand_to_spare(spare, data, fds) if spare is not None else None
+            pid: int | str | None = None
+            if spare is not None and request.spare == spare[0]:
+                pid = _hand_to_spare(spare, data, fds)  # None: it is gone
+                spare = None
             if pid is None:
                 pid = _fork_child(request, fds, zygote_pid, inherited)
             for fd in fds:
                 os.close(fd)
-            if isinstance(pid, str):
-                sock.sendall(_encode({"failed": pid}))
-                continue
-            sock.sendall(_encode({"spawned": pid}))
-            # The next job's process, forked now, while this one starts: the fork is
-            # off the path from the daemon's request to a running job.
-            spare = _fork_spare(zygote_pid, inherited, sock)
+            sock.sendall(_encode({"failed": pid} if isinstance(pid, str) else {"spawned": pid}))
+            if spare is None:
+                # The next job's process, forked now, while this one starts: the fork
+                # is off the path from the daemon's request to a running job.
+                spare = _fork_spare(zygote_pid, inherited, sock)
         _report_exits(sock, children)
+        if spare is not None and spare[0] not in _spares:  # killed while it waited
+            spare[1].close()
+            spare = _fork_spare(zygote_pid, inherited, sock)
 
 
 def _fork_spare(
@@ -341,7 +347,10 @@ def _fork_spare(
     its pid (recorded with the claim of the job it will run): (pid, the socket its
     request goes to), or None when it cannot be forked now (the next request forks
     a child for itself then)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError:  # out of file descriptors: no spare for now
+        return None
     with _stopping:
         try:
             if _stopped:

@@ -545,6 +545,9 @@ class LauncherDouble:
     def give_back_fresh_runner(self):
         raise AssertionError("nothing was reserved")
 
+    def release_fresh_runner(self, pid):
+        pass
+
 
 class HeldLauncher(LauncherDouble):
     """Starts nothing: every admitted job stays RUNNING until the test ends."""

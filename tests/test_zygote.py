@@ -391,3 +391,22 @@ def test_a_spec_larger_than_the_pipe_reaches_a_forked_runner_whole(daemon):
     # not fit in the pipe, and the rest follows once the runner reads.
     with daemon.client() as c:
         assert call(c, "builtins:len", "x" * 300_000) == 300_000
+
+
+def test_a_request_names_the_spare_its_claim_recorded_and_no_other_takes_it(tmp_path):
+    """The zygote runs a request on its spare only if the request names it: the
+    daemon names the spare a job's claim recorded, or one no claim has reserved."""
+    from semantica.launcher import Launcher
+
+    zygote = Launcher(home=tmp_path, env_allowlist=frozenset()).zygote
+    assert zygote is not None
+    zygote._spare = (4242, 1_764_600_000_456)
+    assert zygote.reserve_spare() == (4242, 1_764_600_000_456)  # job A's claim records it
+    assert zygote.reserve_spare() is None  # job B's claim, in the same look: none left
+    assert zygote._spare_for(None) is None  # B's request comes first: B's child is forked
+    assert zygote._spare_for(4242) == 4242  # A's request gets the spare A recorded
+    zygote.give_back_spare(4343)  # another job's end frees nothing
+    assert zygote.reserve_spare() is None
+    zygote.give_back_spare(4242)  # A ended without asking for its process: freed
+    assert zygote._spare_for(None) == 4242  # a request no claim prepared may take it
+    assert zygote.reserve_spare() is None

@@ -28,6 +28,8 @@ from semantica.probe import FileProbe, SystemProbe
 from semantica.server import Limits, Server, SocketInUse, open_unix_listener, raise_fd_limit
 from semantica.store import Store, StoreError
 
+MAX_ZYGOTE_SPARES = 2
+
 FLAGS = {
     "--home": "SEMANTICA_HOME",
     "--db-path": "SEMANTICA_DB_PATH",
@@ -251,6 +253,9 @@ async def serve(cfg: Config) -> None:
             warm_max_jobs=cfg.warm_max_jobs,
             warm_max_rss_bytes=cfg.warm_max_rss_mb * 1024**2,
             use_zygote=cfg.zygote,
+            # A spare per worker slot (up to two), so that the jobs claimed in one look
+            # find one each; each spare is a process slot and a few hundred KiB.
+            spares=min(cfg.workers, MAX_ZYGOTE_SPARES),
             limits=SandboxLimits(
                 address_space_bytes=cfg.runner_memory_mb * 1024**2,
                 open_files=cfg.runner_max_files,

@@ -175,6 +175,7 @@ class Launcher:
         warm_max_jobs: int = 1000,
         warm_max_rss_bytes: int = 512 * 1024**2,
         use_zygote: bool = True,
+        spares: int = 1,
     ) -> None:
         self.home = home
         self.logs_dir = home / "logs"
@@ -186,6 +187,7 @@ class Launcher:
         self.python = python
         self.warm = WarmPool(self, max_jobs=warm_max_jobs, max_rss_bytes=warm_max_rss_bytes)
         self.zygote = Zygote(self) if use_zygote and sys.platform == "linux" else None
+        self.spares = spares  # processes the zygote keeps forked ahead
         self._tree_made = False
 
     def reserve_fresh_runner(self) -> tuple[int, int] | None:
@@ -193,14 +195,9 @@ class Launcher:
         claim (see Zygote.reserve_spare); None: recorded once it exists."""
         return None if self.zygote is None else self.zygote.reserve_spare()
 
-    def give_back_fresh_runner(self) -> None:
-        """Free the process reserved for a claim: no SUBPROCESS job was claimed."""
-        if self.zygote is not None:
-            self.zygote.give_back_spare()
-
-    def release_fresh_runner(self, pid: int) -> None:
-        """A job that recorded `pid` has ended: if that is the spare, still reserved
-        (the job never asked for its process: cancelled first...), free it."""
+    def give_back_fresh_runner(self, pid: int) -> None:
+        """Free the process `pid` reserved for a claim: no SUBPROCESS job was claimed
+        with it, or the job that recorded it has ended without asking for it."""
         if self.zygote is not None:
             self.zygote.give_back_spare(pid)
 
@@ -810,10 +807,11 @@ class Zygote:
         self._spawned: list[int | str] = []  # pids, or why a fork failed, in request order
         self._children: dict[int, ZygoteChild] = {}
         self._early_exits: dict[int, int] = {}
-        # The zygote's spare, (pid, start time): the next request's process, unless
-        # it is gone by then. Reserved for a claim until a reply says who forked.
-        self._spare: tuple[int, int] | None = None
-        self._spare_reserved = False
+        # The zygote's spares (pid -> start time): processes forked ahead, each for a
+        # request that names it. Reserved by a claim that recorded it, until the
+        # reply to its job's request (or that job's end) frees it.
+        self._spares: dict[int, int] = {}
+        self._reserved: set[int] = set()
 
     async def _start(self) -> None:
         launcher = self.launcher
@@ -823,6 +821,7 @@ class Zygote:
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
         env.update(launcher._plugin_path())
         env["SEMANTICA_ZYGOTE_FD"] = str(theirs.fileno())
+        env["SEMANTICA_ZYGOTE_SPARES"] = str(launcher.spares)
         try:
             self.proc = await trio.lowlevel.open_process(
                 [launcher.python, "-P", "-m", "semantica.zygote"],
@@ -898,8 +897,9 @@ class Zygote:
                     except ZygoteGone as exc:
                         raise ForkUnknown(str(exc)) from None
                     reply = self._spawned.pop(0)
-                    if spare is not None and self._spare is not None and self._spare[0] == spare:
-                        self._spare, self._spare_reserved = None, False  # used, or gone
+                    if spare is not None:  # it has this job, or it was gone
+                        self._spares.pop(spare, None)
+                        self._reserved.discard(spare)
                     if isinstance(reply, str):
                         raise ForkFailed(f"the zygote's {reply}")
                     return reply
@@ -910,31 +910,30 @@ class Zygote:
                 raise AssertionError("unreachable: _died raises")
 
     def reserve_spare(self) -> tuple[int, int] | None:
-        """(pid, start time) of the spare, for the claim of a SUBPROCESS job to record:
-        that job's request will name it. None if there is none, or it is reserved.
-        `give_back_spare` if no SUBPROCESS job was claimed."""
-        if self._spare is None or self._spare_reserved:
-            return None
-        self._spare_reserved = True
-        return self._spare
+        """(pid, start time) of a spare, for the claim of a SUBPROCESS job to record:
+        that job's request will name it. None if every spare is reserved (or none
+        is known). `give_back_spare` it if no SUBPROCESS job was claimed."""
+        pid = self._free_spare()
+        return None if pid is None else (pid, self._spares[pid])
 
-    def give_back_spare(self, pid: int | None = None) -> None:
-        """Free the reservation (of the spare `pid`, if given: a job that recorded it
-        ended without asking for its process)."""
-        if pid is None or (self._spare is not None and self._spare[0] == pid):
-            self._spare_reserved = False
+    def give_back_spare(self, pid: int) -> None:
+        """Free a reservation: no SUBPROCESS job was claimed with it, or the job that
+        recorded it ended without asking for its process (cancelled first...)."""
+        self._reserved.discard(pid)
 
     def _spare_for(self, recorded: int | None) -> int | None:
         """The spare a request should name: the one its claim recorded, else one no
         claim has reserved (taken now), else none (the zygote forks for it)."""
-        if self._spare is None:
-            return None
-        if self._spare[0] == recorded:
+        if recorded in self._spares:
             return recorded
-        if self._spare_reserved:
-            return None
-        self._spare_reserved = True
-        return self._spare[0]
+        return self._free_spare()
+
+    def _free_spare(self) -> int | None:
+        for pid in self._spares:
+            if pid not in self._reserved:
+                self._reserved.add(pid)
+                return pid
+        return None
 
     def child(self, pid: int, stdin: trio.lowlevel.FdStream | None) -> ZygoteChild:
         proc = ZygoteChild(pid, stdin, self)
@@ -966,8 +965,8 @@ class Zygote:
                 self._spawned.append(message["spawned"])
             elif "spare" in message:
                 start = process_start_time(message["spare"])
-                self._spare = None if start is None else (message["spare"], start)
-                self._spare_reserved = False
+                if start is not None:  # else it is gone already
+                    self._spares[message["spare"]] = start
             elif "failed" in message:
                 self._spawned.append(str(message["failed"]))
             elif "exited" in message:
@@ -999,7 +998,8 @@ class Zygote:
         raise ZygoteGone(why)
 
     async def close(self) -> None:
-        self._spare = None
+        self._spares.clear()
+        self._reserved.clear()
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -310,7 +310,7 @@ class Dispatcher:
                 if worker is not None:
                     warm.give_back(worker)
                 if fresh is not None:
-                    self.launcher.give_back_fresh_runner()
+                    self.launcher.give_back_fresh_runner(fresh[0])
                 raise
             self.claim_latency.observe((time.perf_counter() - began) * 1000)
             mode = None if job is None else job.execution_mode
@@ -318,7 +318,7 @@ class Dispatcher:
                 warm.give_back(worker)
                 worker = None
             if fresh is not None and mode is not ExecutionMode.SUBPROCESS:
-                self.launcher.give_back_fresh_runner()
+                self.launcher.give_back_fresh_runner(fresh[0])
             if job is None:
                 break
             claimed.append((job, worker))
@@ -468,8 +468,8 @@ class Dispatcher:
             )
         finally:
             del self._running[job.id]
-            if job.runner_pid is not None:
-                self.launcher.release_fresh_runner(job.runner_pid)
+            if job.runner_pid is not None:  # a spare its claim reserved, never asked for
+                self.launcher.give_back_fresh_runner(job.runner_pid)
             self._job_ended.set()
             self.wake()
         # Recorded by the next look, with the claim of the job that takes its place.

@@ -20,13 +20,15 @@ Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daem
   <- {"spare": pid}            (a process forked ahead, for a request naming it)
 EOF on the socket: the daemon is gone or done; the zygote exits.
 
-One process is forked ahead (the spare): it leaves the zygote's session and waits
-on a socket of its own. A request naming it goes to it, so the request is answered
-without waiting for a fork (the daemon names the spare it recorded with the job's
-claim, or one no claim has reserved); the zygote forks the next spare after it
-replies, while that job starts. A request naming no spare, or one that is gone
-(killed while it waited), forks a child for itself, as at the process limit, when
-no spare could be forked. A spare's exit is not reported until it has a job.
+Processes are forked ahead (spares, `SEMANTICA_ZYGOTE_SPARES` of them, one per
+worker slot): each leaves the zygote's session and waits on a socket of its own. A
+request naming one goes to it, so the request is answered without waiting for a
+fork (the daemon names the spare it recorded with the job's claim, or one no claim
+has reserved). Spares are forked again while no request waits, so a fork is off the
+path from the daemon's request to a running job. A request naming no spare, or one
+that is gone (killed while it waited), forks a child for itself, as when no spare
+can be forked (at the process limit). A spare's exit is not reported until it has
+a job.
 
 The zygote is a child subreaper (Linux): what a runner forked and left behind is
 re-parented to it and reaped here, so a killed fork bomb's processes do not linger as
@@ -47,6 +49,7 @@ from __future__ import annotations
 import array
 import contextlib
 import gc
+import math
 import os
 import select
 import signal
@@ -60,6 +63,8 @@ import msgspec
 from semantica import runner
 
 ZYGOTE_FD_ENV = "SEMANTICA_ZYGOTE_FD"
+SPARES_ENV = "SEMANTICA_ZYGOTE_SPARES"
+SPARE_REFILL_AFTER_REFUSAL_S = 1.0
 FDS_PER_JOB = 2
 MAX_REQUEST_BYTES = 1024 * 1024
 
@@ -229,6 +234,7 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
         os._exit(code)
 
 
+_spares_wanted = 1  # processes kept forked ahead (SEMANTICA_ZYGOTE_SPARES)
 _children: set[int] = set()  # the runners forked here, until their exit is reported
 _spares: set[int] = set()  # forked ahead, waiting for a job (their exits are not reported)
 _stopping = threading.Lock()  # held to fork, and to stop the runners
@@ -295,13 +301,31 @@ def _serve(sock: socket.socket) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd fires
     sock.sendall(_encode({"ready": zygote_pid}))
-    inherited = [sock.fileno(), wake_r, wake_w]
-    spare = _fork_spare(zygote_pid, inherited, sock)
+    spares: dict[int, socket.socket] = {}  # pid -> the socket its request goes to
+
+    def to_close() -> list[int]:  # in a forked child: none of the zygote's fds
+        return [sock.fileno(), wake_r, wake_w, *(c.fileno() for c in spares.values())]
+
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    refill_at = 0.0  # after a refused fork: not before then (monotonic seconds)
     while True:
-        for fd, _event in poller.poll():
+        # Spares are forked while no request or exit waits to be handled. After a
+        # refused fork (the process limit), not again for a while: a slot that frees
+        # up is left to the jobs, not taken at once for a spare.
+        timeout = None
+        if len(spares) < _spares_wanted:
+            timeout = max(0, math.ceil((refill_at - time.monotonic()) * 1000))
+        events = poller.poll(timeout)
+        if not events:
+            forked = _fork_spare(zygote_pid, to_close(), sock)
+            if forked is None:
+                refill_at = time.monotonic() + SPARE_REFILL_AFTER_REFUSAL_S
+            else:
+                spares[forked[0]] = forked[1]
+            continue
+        for fd, _event in events:
             if fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
@@ -322,22 +346,17 @@ def _serve(sock: socket.socket) -> int:
                 sock.sendall(_encode({"refused": str(exc)}))
                 continue
             pid: int | str | None = None
-            if spare is not None and request.spare == spare[0]:
-                pid = _hand_to_spare(spare, data, fds)  # None: it is gone
-                spare = None
+            control = spares.pop(request.spare, None) if request.spare is not None else None
+            if control is not None:
+                pid = _hand_to_spare((request.spare, control), data, fds)  # None: gone
             if pid is None:
-                pid = _fork_child(request, fds, zygote_pid, inherited)
+                pid = _fork_child(request, fds, zygote_pid, to_close())
             for fd in fds:
                 os.close(fd)
             sock.sendall(_encode({"failed": pid} if isinstance(pid, str) else {"spawned": pid}))
-            if spare is None:
-                # The next job's process, forked now, while this one starts: the fork
-                # is off the path from the daemon's request to a running job.
-                spare = _fork_spare(zygote_pid, inherited, sock)
         _report_exits(sock, children)
-        if spare is not None and spare[0] not in _spares:  # killed while it waited
-            spare[1].close()
-            spare = _fork_spare(zygote_pid, inherited, sock)
+        for pid in [p for p in spares if p not in _spares]:  # killed while it waited
+            spares.pop(pid).close()
 
 
 def _fork_spare(
@@ -432,6 +451,9 @@ def main() -> int:
     except (KeyError, ValueError, OSError) as exc:
         sys.stderr.write(f"semantica zygote: no control socket ({exc}); the daemon starts it\n")
         return 2
+    global _spares_wanted
+    with contextlib.suppress(ValueError):
+        _spares_wanted = max(0, int(os.environ.pop(SPARES_ENV, "1")))
     runner._drop_cwd_from_sys_path()
     runner._add_plugin_path()
     limits = os.environ.pop(runner.RLIMITS_ENV, None)

@@ -26,6 +26,7 @@ from harness import (
 from semantica.domain import State
 
 NOBODY = 65534
+SPARES = 2  # forked ahead by the zygote of a daemon with two workers: one per slot
 SLOTS = 48  # processes and threads the limited daemon's runners may add for user nobody
 
 # For the `python` runner: take every process slot the limit leaves, and hold them.
@@ -208,13 +209,13 @@ def limited(tmp_path_factory):
 
 def only_daemon_and_zygote_left(d: Daemon, zygote: int, timeout: float = 1.0) -> None:
     """Wait until nobody's processes are the daemon, its zygote and at most the
-    zygote's spare (the process forked ahead for the next job: a session of its own,
-    no children): not one process of the jobs is left, not even a zombie holding a
-    process slot. (What a job forks stays in the job's session.)"""
+    zygote's spares (processes forked ahead for the next jobs: each in a session of
+    its own, with no children): not one process of the jobs is left, not even a
+    zombie holding a process slot. (What a job forks stays in the job's session.)"""
     deadline = time.monotonic() + timeout
     while True:
         left = {pid for pid, _state, _threads in nobody_processes()} - {d.proc.pid, zygote}
-        if len(left) <= 1 and all(is_spare(pid, zygote) for pid in left):
+        if len(left) <= SPARES and all(is_spare(pid, zygote) for pid in left):
             return
         assert time.monotonic() < deadline, f"left: {nobody_processes()}"
         time.sleep(0.01)
@@ -273,8 +274,8 @@ def test_the_zygote_survives_a_fork_refused_at_the_process_limit(limited):
             assert time.monotonic() < deadline, got
             time.sleep(0.005)
         # Every slot is taken: the zygote's fork for a job fails, and only that job's.
-        # (One may run first: on the spare forked before the slots were taken.)
-        for _ in range(3):
+        # (Some may run first: on the spares forked before the slots were taken.)
+        for _ in range(SPARES + 2):
             refused = c.enqueue(job_type="noop", max_attempts=1)
             ended = c.wait(refused.id, timeout_ms=10_000)
             if ended.state is not State.DONE:
@@ -307,42 +308,45 @@ def _wait_gone(pgid: int, timeout: float) -> list[int]:
     return left
 
 
-def spares_of(zygote: int, timeout: float = 5.0) -> list[int]:
-    """The zygote's spare (the process forked ahead for the next job), once forked."""
+def spares_of(zygote: int, timeout: float = 5.0) -> set[int]:
+    """The zygote's spares (forked ahead for the next jobs), once all are forked."""
     deadline = time.monotonic() + timeout
-    while not (
-        found := [c.pid for c in psutil.Process(zygote).children() if is_spare(c.pid, zygote)]
+    while (
+        len(found := {c.pid for c in psutil.Process(zygote).children() if is_spare(c.pid, zygote)})
+        < SPARES
     ):
-        assert time.monotonic() < deadline, "the zygote has no spare"
+        assert time.monotonic() < deadline, f"the zygote has {len(found)} spares"
         time.sleep(0.01)
     return found
 
 
-def test_the_next_job_runs_on_the_spare_forked_ahead(daemon):
+def test_the_next_jobs_run_on_the_spares_forked_ahead(daemon):
     with daemon.client() as c:
         zygote = call(c, "os:getppid")
-        (spare,) = spares_of(zygote)
-        assert call(c, "os:getpid") == spare
-        (new_spare,) = spares_of(zygote)
-        assert new_spare != spare
+        spares = spares_of(zygote)
+        assert call(c, "os:getpid") in spares
+        new_spares = spares_of(zygote)
+        assert len(new_spares - spares) == 1  # the one used is replaced
         # Recorded with the job's claim: the job is never RUNNING without its process.
         job = c.enqueue(job_type="sleep", payload={"seconds": 30}, max_attempts=1)
         while (running := c.get(job.id)).state is State.QUEUED:
             time.sleep(0.005)
-        assert (running.state, running.runner_pid) == (State.RUNNING, new_spare)
+        assert running.state is State.RUNNING and running.runner_pid in new_spares
         c.cancel(job.id)
 
 
 def test_a_spare_killed_while_it_waits_is_replaced(daemon):
     with daemon.client() as c:
         zygote = call(c, "os:getppid")
-        (spare,) = spares_of(zygote)
-        os.kill(spare, signal.SIGKILL)
-        while psutil.pid_exists(spare):  # reaped by the zygote; no job saw it
-            time.sleep(0.01)
-        pid = call(c, "os:getpid")  # forked for itself, then a new spare is forked
-        assert pid != spare and call(c, "os:getppid") == zygote
-        assert spares_of(zygote)
+        spares = spares_of(zygote)
+        for spare in spares:
+            os.kill(spare, signal.SIGKILL)
+        for spare in spares:
+            while psutil.pid_exists(spare):  # reaped by the zygote; no job saw it
+                time.sleep(0.01)
+        pid = call(c, "os:getpid")  # on a new spare, or forked for itself
+        assert pid not in spares and call(c, "os:getppid") == zygote
+        assert not spares_of(zygote) & spares
 
 
 def test_a_killed_daemon_takes_its_forked_runners_and_their_children_along():
@@ -357,10 +361,11 @@ def test_a_killed_daemon_takes_its_forked_runners_and_their_children_along():
             while len(live_group_members(runner)) < 3:  # the runner, sh, and the sleep
                 assert time.monotonic() < deadline, live_group_members(runner)
                 time.sleep(0.02)
-            (spare,) = spares_of(psutil.Process(runner).ppid())
+            spares = spares_of(psutil.Process(runner).ppid())
         d.kill()
         assert _wait_gone(runner, 10) == []
-        assert _wait_gone(spare, 10) == []
+        for spare in spares:
+            assert _wait_gone(spare, 10) == []
     finally:
         remove_home(d.home)
 
@@ -394,13 +399,13 @@ def test_a_spec_larger_than_the_pipe_reaches_a_forked_runner_whole(daemon):
 
 
 def test_a_request_names_the_spare_its_claim_recorded_and_no_other_takes_it(tmp_path):
-    """The zygote runs a request on its spare only if the request names it: the
-    daemon names the spare a job's claim recorded, or one no claim has reserved."""
+    """The zygote runs a request on a spare only if the request names it: the daemon
+    names the spare a job's claim recorded, or one no claim has reserved."""
     from semantica.launcher import Launcher
 
     zygote = Launcher(home=tmp_path, env_allowlist=frozenset()).zygote
     assert zygote is not None
-    zygote._spare = (4242, 1_764_600_000_456)
+    zygote._spares = {4242: 1_764_600_000_456}
     assert zygote.reserve_spare() == (4242, 1_764_600_000_456)  # job A's claim records it
     assert zygote.reserve_spare() is None  # job B's claim, in the same look: none left
     assert zygote._spare_for(None) is None  # B's request comes first: B's child is forked
@@ -408,5 +413,7 @@ def test_a_request_names_the_spare_its_claim_recorded_and_no_other_takes_it(tmp_
     zygote.give_back_spare(4343)  # another job's end frees nothing
     assert zygote.reserve_spare() is None
     zygote.give_back_spare(4242)  # A ended without asking for its process: freed
-    assert zygote._spare_for(None) == 4242  # a request no claim prepared may take it
+    zygote._spares[4444] = 1_764_600_000_999
+    assert zygote._spare_for(None) == 4242  # a request no claim prepared may take one
+    assert zygote.reserve_spare() == (4444, 1_764_600_000_999)
     assert zygote.reserve_spare() is None

@@ -285,7 +285,7 @@ class Launcher:
         try:
             # Inside the try: if the PID cannot be recorded, the runner is stopped.
             # (The zygote's spare was recorded with the claim, if this is it.)
-            start = process_start_time(proc.pid) or 0
+            start = getattr(proc, "start_time", None) or process_start_time(proc.pid) or 0
             if (proc.pid, start) != (job.runner_pid, job.runner_start_time):
                 on_started(proc.pid, start)
             async with trio.open_nursery() as nursery:
@@ -345,7 +345,7 @@ class Launcher:
                 stdin = trio.lowlevel.FdStream(stdin_w)
             child_env = {k: v for k, v in env.items() if k not in RUNNER_SETUP_VARS}
             try:
-                pid = await self.zygote.spawn(
+                pid, start = await self.zygote.spawn(
                     child_env,
                     cwd,
                     log_path,
@@ -362,7 +362,7 @@ class Launcher:
                         await stdin.aclose()
                 raise
             else:
-                return self.zygote.child(pid, stdin), spec[written:]
+                return self.zygote.child(pid, stdin, start), spec[written:]
             finally:
                 os.close(stdin_r)
         os.makedirs(cwd, 0o700, exist_ok=True)
@@ -747,8 +747,15 @@ class WarmPool:
 class ZygoteChild:
     """A runner forked by the zygote: what the launcher needs of a trio.Process."""
 
-    def __init__(self, pid: int, stdin: trio.lowlevel.FdStream | None, zygote: Zygote) -> None:
+    def __init__(
+        self,
+        pid: int,
+        stdin: trio.lowlevel.FdStream | None,
+        zygote: Zygote,
+        start_time: int | None = None,
+    ) -> None:
         self.pid = pid
+        self.start_time = start_time  # known for a spare; else read when needed
         self.stdin = stdin
         self.returncode: int | None = None
         self.exited = trio.Event()
@@ -856,10 +863,11 @@ class Zygote:
         rlimits: str,
         fds: tuple[int, int],
         recorded: int | None = None,
-    ) -> int:
+    ) -> tuple[int, int | None]:
         """Fork a runner with these (stdin, result) fds, its output appended to
-        `log_path`; returns its pid. `recorded`: the pid the job's claim recorded
-        (the spare reserved for it, if it is one)."""
+        `log_path`; returns its pid, and its start time if it is a spare (read when
+        the spare was announced). `recorded`: the pid the job's claim recorded (the
+        spare reserved for it, if it is one)."""
         async with self._request_lock:
             if self.sock is None:
                 await self._start()
@@ -897,12 +905,13 @@ class Zygote:
                     except ZygoteGone as exc:
                         raise ForkUnknown(str(exc)) from None
                     reply = self._spawned.pop(0)
+                    start = None
                     if spare is not None:  # it has this job, or it was gone
-                        self._spares.pop(spare, None)
+                        start = self._spares.pop(spare, None)
                         self._reserved.discard(spare)
                     if isinstance(reply, str):
                         raise ForkFailed(f"the zygote's {reply}")
-                    return reply
+                    return reply, start if reply == spare else None
                 try:
                     await self._died(f"no reply from the zygote in {ZYGOTE_REPLY_TIMEOUT_S:g} s")
                 except ZygoteGone as exc:
@@ -935,8 +944,10 @@ class Zygote:
                 return pid
         return None
 
-    def child(self, pid: int, stdin: trio.lowlevel.FdStream | None) -> ZygoteChild:
-        proc = ZygoteChild(pid, stdin, self)
+    def child(
+        self, pid: int, stdin: trio.lowlevel.FdStream | None, start_time: int | None = None
+    ) -> ZygoteChild:
+        proc = ZygoteChild(pid, stdin, self, start_time)
         if pid in self._early_exits:
             proc.returncode = self._early_exits.pop(pid)
             proc.exited.set()

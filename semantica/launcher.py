@@ -974,6 +974,9 @@ class Zygote:
                 await self._died("the zygote closed its socket")
             elif "spawned" in message:
                 self._spawned.append(message["spawned"])
+            elif "spare_gone" in message:
+                self._spares.pop(message["spare_gone"], None)
+                self._reserved.discard(message["spare_gone"])
             elif "spare" in message:
                 start = process_start_time(message["spare"])
                 if start is not None:  # else it is gone already

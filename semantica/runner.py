@@ -475,11 +475,15 @@ def watch_parent(parent_pid: int, on_gone: Callable[[], None] | None = None) -> 
     return True
 
 
+parent_pidfd: int | None = None  # the watch thread's pidfd of the daemon, once open
+
+
 def _watch_parent(parent_pid: int, on_gone: Callable[[], None]) -> None:
     import select
 
+    global parent_pidfd
     try:
-        pidfd = os.pidfd_open(parent_pid)
+        pidfd = parent_pidfd = os.pidfd_open(parent_pid)
     except (AttributeError, OSError):
         pidfd = None
     if pidfd is not None:

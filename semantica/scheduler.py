@@ -257,9 +257,11 @@ class Dispatcher:
                 if claiming:
                     offered = self._claim(now, offered, claimed)
         except BaseException:
-            for _job, worker in claimed:
+            for job, worker in claimed:  # rolled back: QUEUED again, without a runner
                 if worker is not None:
                     self.launcher.warm.give_back(worker)
+                if job.runner_pid is not None:
+                    self.launcher.give_back_fresh_runner(job.runner_pid)
             for e in finishing:
                 if not e.late:
                     e.late = True
@@ -373,6 +375,8 @@ class Dispatcher:
     ) -> None:
         """After the commit that recorded these ends (None: the job was gone)."""
         for e, end in zip(finishing, ended, strict=True):
+            if e.job.runner_pid is not None:  # a spare its claim reserved, never asked for
+                self.launcher.give_back_fresh_runner(e.job.runner_pid)
             if end is None:
                 continue
             if e.late:
@@ -468,8 +472,6 @@ class Dispatcher:
             )
         finally:
             del self._running[job.id]
-            if job.runner_pid is not None:  # a spare its claim reserved, never asked for
-                self.launcher.give_back_fresh_runner(job.runner_pid)
             self._job_ended.set()
             self.wake()
         # Recorded by the next look, with the claim of the job that takes its place.

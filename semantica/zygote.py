@@ -18,6 +18,7 @@ Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daem
   <- {"exited": pid, "status": code}   (negative: killed by that signal)
   <- {"ready": pid}            (once, at start)
   <- {"spare": pid}            (a process forked ahead, for a request naming it)
+  <- {"spare_gone": pid}       (it died while it waited: no request can name it)
 EOF on the socket: the daemon is gone or done; the zygote exits.
 
 Processes are forked ahead (spares, `SEMANTICA_ZYGOTE_SPARES` of them, one per
@@ -161,6 +162,8 @@ def _leave_zygote(inherited: list[int]) -> None:
     os.setsid()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if runner.parent_pidfd is not None:
+        inherited = [*inherited, runner.parent_pidfd]  # the zygote's watch on the daemon
     for fd in inherited:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -357,6 +360,10 @@ def _serve(sock: socket.socket) -> int:
         _report_exits(sock, children)
         for pid in [p for p in spares if p not in _spares]:  # killed while it waited
             spares.pop(pid).close()
+            sock.sendall(_encode({"spare_gone": pid}))
+            # Replaced after a pause, as after a refused fork: something (an OOM
+            # killer) may be killing them.
+            refill_at = time.monotonic() + SPARE_REFILL_AFTER_REFUSAL_S
 
 
 def _fork_spare(

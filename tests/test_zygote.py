@@ -98,6 +98,40 @@ def test_each_job_is_a_fresh_process_forked_by_the_zygote(daemon):
     assert "semantica.zygote" in " ".join(psutil.Process(zygote).cmdline())
 
 
+FD_LISTER = textwrap.dedent(
+    """
+    import os
+
+
+    def open_fds():
+        found = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # the directory listing's own fd, closed by now
+                pass
+        return found
+    """
+)
+
+
+def test_a_forked_runner_holds_none_of_the_zygotes_descriptors(daemon, tmp_path):
+    """Its stdin, log, result pipe: not the zygote's sockets, pipes or its pidfd of
+    the daemon (with which a job could signal the daemon)."""
+    (tmp_path / "fdlister.py").write_text(FD_LISTER)
+    with daemon.client() as c:
+        for _ in range(3):  # on a spare, and on a child forked for itself
+            job = c.enqueue(
+                job_type="python",
+                payload={"callable": "fdlister:open_fds", "sys_path": [str(tmp_path)]},
+            )
+            done = c.wait(job.id, timeout_ms=20_000)
+            assert done.state is State.DONE, done
+            targets = done.result_summary
+            assert not [t for t in targets.values() if "pidfd" in t or "socket" in t], targets
+            assert targets["1"].endswith(f"{job.id}.log") and targets["2"] == targets["1"]
+
+
 def test_a_forked_runner_starts_with_the_plugins_loaded_and_not_their_discovery(daemon):
     """The zygote imports every plugin, but reads the entry points in a throwaway
     child: importlib.metadata (email, zipfile, csv...) would add megabytes to the heap

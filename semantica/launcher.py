@@ -807,6 +807,9 @@ class Zygote:
     def __init__(self, launcher: Launcher) -> None:
         self.launcher = launcher
         self.sock: trio.socket.SocketType | None = None
+        self._raw: socket.socket | None = None  # the same socket, for reads that never wait
+        self._reader: trio.CancelScope | None = None  # around the wait of pump()'s reader
+        self._gone: str | None = None  # why the zygote is gone, seen by read_ready()
         self.proc: trio.Process | None = None
         self._request_lock = trio.Lock()
         self._reading = False  # one task reads the socket for all; the others wait
@@ -847,6 +850,7 @@ class Zygote:
         finally:
             theirs.close()
         self.sock = trio.socket.from_stdlib_socket(ours)
+        self._raw = ours
         with trio.move_on_after(ZYGOTE_START_TIMEOUT_S):
             message = await self._receive()
             if message is not None and "ready" in message:
@@ -872,6 +876,9 @@ class Zygote:
             if self.sock is None:
                 await self._start()
             assert self.sock is not None
+            self.read_ready()
+            if self._gone is not None:  # before any request: a new interpreter instead
+                await self._died(self._gone)
             spare = self._spare_for(recorded)
             request = _encode(
                 {
@@ -922,6 +929,7 @@ class Zygote:
         """(pid, start time) of a spare, for the claim of a SUBPROCESS job to record:
         that job's request will name it. None if every spare is reserved (or none
         is known). `give_back_spare` it if no SUBPROCESS job was claimed."""
+        self.read_ready()
         pid = self._free_spare()
         return None if pid is None else (pid, self._spares[pid])
 
@@ -959,44 +967,83 @@ class Zygote:
 
     async def pump(self, until: trio.Event) -> None:
         """Return once `until` may have been set: after the next message is read and
-        handed on, by this task if no other is reading, else by the one that is."""
+        handed on, by this task if no other is reading, else by the one that is (or
+        by `read_ready`, which wakes the reader)."""
         if until.is_set():
             return
         if self._reading:
             await self._changed.wait()
             return
+        if self._gone is not None:
+            await self._died(self._gone)
         if self.sock is None:
             raise ZygoteGone("the zygote is not running")
         self._reading = True
         try:
-            message = await self._receive()
-            if message is None:
-                await self._died("the zygote closed its socket")
-            elif "spawned" in message:
-                self._spawned.append(message["spawned"])
-            elif "spare_gone" in message:
-                self._spares.pop(message["spare_gone"], None)
-                self._reserved.discard(message["spare_gone"])
-            elif "spare" in message:
-                start = process_start_time(message["spare"])
-                if start is not None:  # else it is gone already
-                    self._spares[message["spare"]] = start
-            elif "failed" in message:
-                self._spawned.append(str(message["failed"]))
-            elif "exited" in message:
-                pid, status = message["exited"], message["status"]
-                proc = self._children.pop(pid, None)
-                if proc is None:
-                    self._early_exits[pid] = status  # before `child()` registered it
-                else:
-                    proc.returncode = status
-                    proc.exited.set()
-            elif "refused" in message:
-                await self._died(f"the zygote refused a request: {message['refused']}")
+            with trio.CancelScope() as self._reader:
+                data = await self.sock.recv(65536)
+            if not self._reader.cancelled_caught:  # else read_ready() took what came
+                self._handle(msgspec.json.decode(data) if data else None)
+                if self._gone is not None:
+                    await self._died(self._gone)
         finally:
+            self._reader = None
             self._reading = False
-            changed, self._changed = self._changed, trio.Event()
-            changed.set()
+            self._tell_changed()
+
+    def read_ready(self) -> None:
+        """Handle, without waiting, what the zygote has said that no task has read:
+        a claim or a request then knows the spares forked or gone meanwhile (while no
+        runner runs, nobody reads the socket). A task waiting in pump() is woken to
+        look at what it waits for."""
+        if self._raw is None:
+            return
+        handled = False
+        while self._gone is None:
+            try:
+                data = self._raw.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._gone = f"reading from the zygote failed: {exc}"
+                break
+            handled = True
+            self._handle(msgspec.json.decode(data) if data else None)
+        if handled or self._gone is not None:
+            if self._reader is not None:
+                self._reader.cancel()
+            self._tell_changed()
+
+    def _tell_changed(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def _handle(self, message: dict | None) -> None:
+        """One message from the zygote; its death is noted in `_gone` for the next
+        task that can wait to act on (pump, spawn)."""
+        if message is None:
+            self._gone = "the zygote closed its socket"
+        elif "spawned" in message:
+            self._spawned.append(message["spawned"])
+        elif "spare_gone" in message:
+            self._spares.pop(message["spare_gone"], None)
+            self._reserved.discard(message["spare_gone"])
+        elif "spare" in message:
+            start = process_start_time(message["spare"])
+            if start is not None:  # else it is gone already
+                self._spares[message["spare"]] = start
+        elif "failed" in message:
+            self._spawned.append(str(message["failed"]))
+        elif "exited" in message:
+            pid, status = message["exited"], message["status"]
+            proc = self._children.pop(pid, None)
+            if proc is None:
+                self._early_exits[pid] = status  # before `child()` registered it
+            else:
+                proc.returncode = status
+                proc.exited.set()
+        elif "refused" in message:
+            self._gone = f"the zygote refused a request: {message['refused']}"
 
     async def _receive(self) -> dict | None:
         assert self.sock is not None
@@ -1014,6 +1061,8 @@ class Zygote:
     async def close(self) -> None:
         self._spares.clear()
         self._reserved.clear()
+        self._raw = None
+        self._gone = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -778,6 +778,11 @@ class ZygoteChild:
             self.exited.set()
 
 
+def _zygote_message(data: bytes) -> dict | None:
+    """A message read from the zygote's socket; None for EOF."""
+    return msgspec.json.decode(data) if data else None
+
+
 _NEVER = trio.Event()  # for waiters whose condition the loop around pump() checks
 
 
@@ -983,7 +988,7 @@ class Zygote:
             with trio.CancelScope() as self._reader:
                 data = await self.sock.recv(65536)
             if not self._reader.cancelled_caught:  # else read_ready() took what came
-                self._handle(msgspec.json.decode(data) if data else None)
+                self._handle(_zygote_message(data))
                 if self._gone is not None:
                     await self._died(self._gone)
         finally:
@@ -1008,7 +1013,7 @@ class Zygote:
                 self._gone = f"reading from the zygote failed: {exc}"
                 break
             handled = True
-            self._handle(msgspec.json.decode(data) if data else None)
+            self._handle(_zygote_message(data))
         if handled or self._gone is not None:
             if self._reader is not None:
                 self._reader.cancel()
@@ -1047,8 +1052,7 @@ class Zygote:
 
     async def _receive(self) -> dict | None:
         assert self.sock is not None
-        data = await self.sock.recv(65536)
-        return msgspec.json.decode(data) if data else None
+        return _zygote_message(await self.sock.recv(65536))
 
     async def _died(self, why: str) -> None:
         log.warning("zygote_gone", reason=why, advice="runners start without it until it is back")

@@ -37,34 +37,35 @@ HOLDER_SOURCE = textwrap.dedent(
     import time
 
 
+    def hold_a_slot():  # fork a child that sleeps, holding a slot; False at the limit
+        try:
+            pid = os.fork()
+        except BlockingIOError:
+            return False
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(60)
+            os._exit(0)
+        return True
+
+
     def fill_process_slots(ctx, most):
         forked = 0
-        while True:
-            try:
-                pid = os.fork()
-            except BlockingIOError:
-                break
-            if pid == 0:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                time.sleep(60)
-                os._exit(0)
+
+        def count_one():
+            nonlocal forked
             forked += 1
             if forked >= most:
                 raise RuntimeError("the process limit never stopped the forks")
+
+        while hold_a_slot():
+            count_one()
         ctx.progress(1.0, f"holding {forked} processes")
         while not ctx.cancelled():  # and take each slot that frees up
-            try:
-                pid = os.fork()
-            except BlockingIOError:
+            if hold_a_slot():
+                count_one()
+            else:
                 time.sleep(0.001)
-                continue
-            if pid == 0:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                time.sleep(60)
-                os._exit(0)
-            forked += 1
-            if forked >= most:
-                raise RuntimeError("the process limit never stopped the forks")
         return forked
     """
 )

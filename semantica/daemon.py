@@ -236,6 +236,7 @@ async def serve(cfg: Config) -> None:
     lock = DaemonLock(cfg.lock_path)
     listeners = []
     store = None
+    job_tracing = None
     try:
         init_home(cfg, lock, keep_lock=True)
         raise_fd_limit()
@@ -275,7 +276,7 @@ async def serve(cfg: Config) -> None:
             request_shutdown=shutdown.set,
             retention_days=cfg.retention_days,
             max_db_size_mb=cfg.max_db_size_mb,
-            tracing=tracing.from_environment(),
+            tracing=(job_tracing := tracing.from_environment()),
         )
         for job in api.dispatcher.recover():  # runners of a crashed daemon: before serving
             api.job_changed(job)
@@ -342,6 +343,8 @@ async def serve(cfg: Config) -> None:
         if store is not None:
             store.close()
         lock.release()
+        if job_tracing is not None:
+            job_tracing.close()
     log.event("daemon_stopped", pid=os.getpid())
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -23,6 +24,7 @@ from semantica.domain import Job, State
 
 SERVICE_NAME = "semantica"
 PROBE_TIMEOUT_S = 0.5
+FLUSH_AT_EXIT_S = 2.0  # how long a stopping daemon waits for its last spans to leave
 
 
 class JobTracing:
@@ -56,6 +58,27 @@ class JobTracing:
         span.add_event("claimed", timestamp=now_ms * 1_000_000)
         self._spans[job.id] = span
         return self.trace_id(job.id) or ""
+
+    def close(self, timeout_s: float = FLUSH_AT_EXIT_S) -> bool:
+        """Send the spans not yet exported, waiting at most `timeout_s`; False if they
+        did not all leave. The SDK's own flush at exit waits out its exporter's retries
+        (about 7 s against a collector that is down), which kept a stopped daemon's
+        process alive: here it runs in a daemon thread that the exit does not wait for."""
+        if self.provider is None:
+            return True
+        flushing = threading.Thread(
+            target=self.provider.shutdown, name="semantica-tracing-flush", daemon=True
+        )
+        flushing.start()
+        flushing.join(timeout_s)
+        if flushing.is_alive():
+            log.warning(
+                "tracing_spans_dropped",
+                reason=f"the collector did not take the last spans within {timeout_s:g} s",
+                advice="check OTEL_EXPORTER_OTLP_ENDPOINT; jobs are not affected",
+            )
+            return False
+        return True
 
     def trace_id(self, job_id: str) -> str | None:
         span = self._spans.get(job_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 
 import pytest
 import trio
@@ -25,8 +26,6 @@ from semantica.store import Store
 
 
 def wall_ms() -> int:
-    import time
-
     return time.time_ns() // 1_000_000
 
 
@@ -136,12 +135,9 @@ def test_off_with_a_warning_without_the_extra(monkeypatch, caplog):
 
 @pytest.fixture
 def unreachable_collector_daemon():
-    d = start_daemon(
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
-        # The exporter's last flush at exit retries for up to this long (10 s by
-        # default: 1 + 2 + 4 s of backoff against a closed port).
-        OTEL_EXPORTER_OTLP_TIMEOUT="1",
-    )
+    # The exporter's own timeout stays at its default (10 s: 1 + 2 + 4 s of backoff
+    # against a closed port), so the stop below shows the daemon does not wait it out.
+    d = start_daemon(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     yield d
     d.stop()
     remove_home(d.home)
@@ -160,3 +156,21 @@ def test_an_unreachable_collector_warns_once_and_jobs_run(unreachable_collector_
     attempts = [r for r in changes if r["state"] != "QUEUED"]  # RUNNING, then DONE
     assert len(attempts) == 6 and all(len(r.get("trace_id", "")) == 32 for r in attempts)
     assert "Traceback" not in d.log()
+
+
+def test_a_stopping_daemon_waits_for_a_collector_that_is_down_two_seconds_at_most(
+    unreachable_collector_daemon,
+):
+    d = unreachable_collector_daemon
+    with d.client() as c:
+        job = c.enqueue(job_type="noop")
+        assert c.wait(job.id, timeout_ms=20_000).state is State.DONE
+    began = time.monotonic()
+    assert d.stop() == 0
+    took = time.monotonic() - began
+    # The SDK's own flush at exit took 7 s here: its exporter's retries.
+    assert took < tracing.FLUSH_AT_EXIT_S + 2.5, f"the daemon took {took:.1f} s to exit"
+    records = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
+    (dropped,) = [r for r in records if r.get("event") == "tracing_spans_dropped"]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in dropped["advice"]
+    assert records[-1]["event"] == "daemon_stopped"

@@ -473,7 +473,14 @@ class Server:
         allowed = b"POST" if path == b"/" else b"GET"
         if request.method != allowed:
             message = "use POST / with a JSON-RPC body" if path == b"/" else "use GET /metrics"
-            await self._send_http(conn, h, 405, p.RpcError(p.INVALID_REQUEST, message))
+            await self._send_http(
+                conn,
+                h,
+                405,
+                p.RpcError(p.INVALID_REQUEST, message),
+                extra_headers=[("allow", allowed.decode())],
+                head=request.method == b"HEAD",
+            )
             return
         if conn.needs_auth:  # every HTTP request carries the token
             conn.authenticated = self._bearer_ok(headers.get(b"authorization", b""))
@@ -489,7 +496,9 @@ class Server:
             await self._send_http(conn, h, 413, self._too_large(), close=True)
             return
         if h.they_are_waiting_for_100_continue:
-            await conn.stream.send_all(h.send(h11.InformationalResponse(status_code=100)))
+            await conn.stream.send_all(
+                h.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         body = bytearray()
         while True:
             event = await self._next_http_event(conn, h, started)
@@ -540,10 +549,19 @@ class Server:
         )
 
     async def _send_http(
-        self, conn: Conn, h: h11.Connection, status: int, err: p.RpcError | None, close=False
+        self,
+        conn: Conn,
+        h: h11.Connection,
+        status: int,
+        err: p.RpcError | None,
+        close=False,
+        extra_headers: list[tuple[str, str]] | None = None,
+        head=False,
     ) -> None:
         body = p.encode(p.error_response(None, err)) if err is not None else None
-        await self._send_http_body(conn, h, status, body, close=close)
+        await self._send_http_body(
+            conn, h, status, body, close=close, extra_headers=extra_headers, head=head
+        )
 
     async def _send_http_body(
         self,
@@ -553,18 +571,23 @@ class Server:
         body: bytes | None,
         close=False,
         content_type: str = "application/json",
+        extra_headers: list[tuple[str, str]] | None = None,
+        head=False,
     ) -> None:
+        """One response. `head`: the request was HEAD, so the headers describe the
+        body without it. A request whose body is left unread (an early answer) ends
+        the connection, and the response says so."""
         if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        headers = [("server", "semantica")]
+        headers = [("server", "semantica"), *(extra_headers or [])]
         if body is not None:
             headers += [("content-type", content_type), ("content-length", str(len(body)))]
         elif status != 204:
             headers.append(("content-length", "0"))
-        if close:
+        if close or h.their_state is not h11.DONE:
             headers.append(("connection", "close"))
         data = h.send(h11.Response(status_code=status, headers=headers))
-        if body:
+        if body and not head:
             data += h.send(h11.Data(data=body))
         data += h.send(h11.EndOfMessage())
         conn.responding = True  # from here on an eviction must not add a response

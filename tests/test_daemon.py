@@ -172,6 +172,31 @@ def test_curl_over_the_unix_socket(daemon):
     assert '"jsonrpc":"2.0"' in curl.stdout and '"jobs_by_state"' in curl.stdout
 
 
+def test_curl_sends_a_large_body_with_expect_100_continue(daemon, tmp_path):
+    """curl asks `Expect: 100-continue` by itself for a body of 1 MB or more; the
+    daemon answered such a request with nothing (a bug, fixed)."""
+    body = tmp_path / "big.json"
+    payload = {"blob": "x" * 1_200_000}
+    call = {"jsonrpc": "2.0", "method": "dev.enqueue.v1", "id": 7}
+    call["params"] = {"job_type": "noop", "queue": "curl-big", "payload": payload}
+    body.write_text(json.dumps(call))
+    with daemon.client() as c:
+        c.pause("curl-big")
+    curl = subprocess.run(
+        [
+            *("curl", "-sS", "-v", "--unix-socket", str(daemon.socket_path)),
+            *("--data-binary", f"@{body}", "http://localhost/"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert curl.returncode == 0, curl.stderr
+    assert "Expect: 100-continue" in curl.stderr  # what this test is about
+    reply = json.loads(curl.stdout)
+    assert reply["id"] == 7 and reply["result"]["state"] == "QUEUED"
+
+
 def test_sdk_says_how_to_start_a_missing_daemon(tmp_path):
     with pytest.raises(semantica.DaemonNotRunning, match="start it with `semantica`"):
         semantica.Client(tmp_path / "nothing.sock").stats()

@@ -836,6 +836,56 @@ def test_malformed_http(daemon, request_bytes, status, code):
     assert_serving(daemon)
 
 
+def test_expect_100_continue_is_answered_then_the_body_is_read(daemon):
+    body = rpc("admin.health.v1", None, 3)
+    head = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    with unix_socket(daemon) as s:
+        s.sendall(head)
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = s.recv(4096)
+            assert chunk, "the daemon hung up instead of asking for the body"
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        s.sendall(body)
+        status, _headers, reply = http_response(s)
+    assert status == 200 and json.loads(reply)["id"] == 3
+    assert_serving(daemon)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "allow"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "POST", id="GET /"),
+        pytest.param(
+            b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", "POST", id="PUT /"
+        ),
+        pytest.param(b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "GET", id="POST /metrics"),
+    ],
+)
+def test_a_wrong_method_is_told_the_allowed_one(daemon, request_bytes, allow):
+    with unix_socket(daemon) as s:
+        s.sendall(request_bytes)
+        status, headers, _body = http_response(s)
+    assert status == 405 and headers["allow"] == allow
+    assert headers["connection"] == "close"  # the request was not read to its end
+
+
+def test_head_gets_the_headers_of_a_405_without_a_body(daemon):
+    log_before = len(daemon.log())
+    with unix_socket(daemon) as s:
+        s.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = http.client.HTTPResponse(s, method="HEAD")
+        resp.begin()
+        assert resp.status == 405 and resp.getheader("allow") == "POST"
+        assert resp.read() == b""
+    assert "ERROR" not in daemon.log()[log_before:]  # h11 refused a body on HEAD (fixed)
+    assert_serving(daemon)
+
+
 def test_deeply_nested_json_does_not_hurt_the_daemon(daemon):
     before = snapshot(daemon)
     deep = b"[" * 5000 + b"]" * 5000

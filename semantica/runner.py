@@ -141,13 +141,17 @@ def _install_sigterm_handler(flag: _CancelFlag) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def run_job(spec: RunSpec, result_fd: int, *, warm: bool = False) -> bool:
+def run_job(
+    spec: RunSpec, result_fd: int, *, warm: bool = False, baseline: _WorkerState | None = None
+) -> bool:
     """Run one attempt in this process and write its messages to `result_fd`.
 
     Writes any progress, then exactly one Result line, whatever the plugin does,
     except leave the process (SystemExit, os._exit, a fatal signal). Does not close
     `result_fd` and may be called again in the same process for the next job.
-    Returns whether SIGTERM arrived meanwhile (the launcher is stopping this process).
+    Returns whether this process must exit now: SIGTERM arrived meanwhile (the
+    launcher is stopping it), or, for a WARM worker given its `baseline`, the job left
+    something behind that would reach the next job (a thread, lowered limits).
     A `warm` worker also reports what the daemon needs to decide whether to reuse it:
     its resident memory, and whether the job left a process behind.
     """
@@ -156,13 +160,16 @@ def run_job(spec: RunSpec, result_fd: int, *, warm: bool = False) -> bool:
     _install_sigterm_handler(flag)
     result = _run(spec, channel, flag)
     _flush_std_streams()
-    if flag.requested:
+    left = None if baseline is None or flag.requested else baseline.left_behind()
+    if left is not None:
+        _note(f"this worker retires after the job: {left}, which would reach the next job")
+    if flag.requested or left is not None:
         result = msgspec.structs.replace(result, worker_exits=True)
     elif warm:
         rss, children = _own_fitness()
         result = msgspec.structs.replace(result, worker_rss_bytes=rss, worker_children=children)
     channel.send(result)
-    return flag.requested
+    return flag.requested or left is not None
 
 
 def _run(spec: RunSpec, channel: ResultChannel, flag: _CancelFlag) -> Result:
@@ -629,6 +636,7 @@ def main_warm() -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
     base_env = dict(os.environ)
+    baseline = _WorkerState.capture()
     for line in _lines(control):
         try:
             job = _decode_warm_job(line)
@@ -638,11 +646,11 @@ def main_warm() -> int:
                 _report(Result(error_kind="bad_spec", permanent=True), message)
             )
             continue
-        _enter_job(job, base_env)
-        stopping = run_job(job.spec, result_fd, warm=True)
+        _enter_job(job, base_env, baseline)
+        stopping = run_job(job.spec, result_fd, warm=True, baseline=baseline)
         _flush_std_streams()
-        if stopping:  # cancelled or past its deadline: the daemon stops this worker
-            break
+        if stopping:  # cancelled, past its deadline, or left something behind
+            os._exit(0)  # without waiting for threads the job left running
     return 0
 
 
@@ -703,16 +711,72 @@ def _lines(stream: Any) -> Any:
             buffer = buffer[newline + 1 :]
 
 
-def _enter_job(job: WarmJob, base_env: dict[str, str]) -> None:
+class _WorkerState:
+    """What a WARM worker was like before its first job, so that each job starts
+    from it: what one job changes must not reach the next."""
+
+    LIMITS = ("RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_FSIZE")
+
+    def __init__(self, umask: int, limits: dict[int, tuple[int, int]], threads: set[int]):
+        self.umask = umask
+        self.limits = limits
+        self.threads = threads
+
+    @classmethod
+    def capture(cls) -> _WorkerState:
+        import resource
+
+        umask = os.umask(0o077)
+        os.umask(umask)
+        limits = {}
+        for name in cls.LIMITS:
+            if (which := getattr(resource, name, None)) is not None:
+                limits[which] = resource.getrlimit(which)
+        return cls(umask, limits, {t.ident for t in threading.enumerate() if t.ident})
+
+    def reset(self) -> None:
+        """Before a job: the umask, and any limit the last job changed, back as they
+        were (a lowered hard limit cannot go back up: `left_behind` retires the
+        worker after such a job)."""
+        import resource
+
+        os.umask(self.umask)
+        for which, wanted in self.limits.items():
+            with contextlib.suppress(OSError, ValueError):
+                if resource.getrlimit(which) != wanted:
+                    resource.setrlimit(which, wanted)
+
+    def left_behind(self) -> str | None:
+        """After a job: what it left that the next job would inherit, or None."""
+        import resource
+
+        stray = [
+            t.name for t in threading.enumerate() if t.is_alive() and t.ident not in self.threads
+        ]
+        if stray:
+            return f"it left threads running ({', '.join(stray)})"
+        for which, wanted in self.limits.items():
+            if resource.getrlimit(which)[1] != wanted[1]:
+                try:
+                    resource.setrlimit(which, wanted)
+                except (OSError, ValueError):
+                    return "it lowered a hard resource limit"
+        return None
+
+
+def _enter_job(job: WarmJob, base_env: dict[str, str], baseline: _WorkerState) -> None:
     import resource
 
     set_environment({**base_env, **job.env})  # undoes the last job's, and its changes
+    baseline.reset()
     enter_work_dir(job.cwd)
     _flush_std_streams()
-    log_fd = open_job_log(job.log_path)
+    _restore_stdin()
+    log_fd = _above_std_fds(open_job_log(job.log_path))
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
+    _restore_std_streams()
     # A soft limit only: each job raises it again to what the worker has used plus the
     # job's allowance (SIGXCPU past it ends the worker, and the daemon replaces it).
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -724,6 +788,41 @@ def _enter_job(job: WarmJob, base_env: dict[str, str]) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (want, hard))
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"semantica runner: cannot set the CPU limit to {want}s: {exc}\n")
+
+
+def _above_std_fds(fd: int) -> int:
+    """`fd`, moved above 2 if it landed on 0, 1 or 2 (a job closed one of them): the
+    dup2 onto 1 and 2 that follows would otherwise close the log it just opened."""
+    if fd > 2:
+        return fd
+    import fcntl
+
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
+
+
+def _restore_stdin() -> None:
+    """fd 0 reads nothing, as before the first job, even if a job closed or moved it."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    if devnull != 0:
+        os.dup2(devnull, 0)
+        os.close(devnull)
+
+
+def _restore_std_streams() -> None:
+    """sys.stdout and sys.stderr are the streams on fds 1 and 2 again, made anew if a
+    job closed them (a job may also have replaced them)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, f"__{name}__")
+        if stream is None or stream.closed:
+            stream = open(  # noqa: SIM115  (it lives as long as the worker)
+                fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False
+            )
+            if fd == 2:
+                stream.reconfigure(line_buffering=True)
+            setattr(sys, f"__{name}__", stream)
+        setattr(sys, name, stream)
 
 
 def set_environment(wanted: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ a job leaves a process behind; replaced when one dies, overruns or is cancelled.
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 
 import psutil
@@ -28,6 +29,38 @@ def daemon():
 def client(daemon):
     with daemon.client() as c:
         yield c
+
+
+HELPERS_SOURCE = textwrap.dedent(
+    """
+    import sys, threading, time
+
+    def leave_thread():
+        def tick():
+            for n in range(40):
+                print("tick", n, "of a thread an earlier job left", flush=True)
+                time.sleep(0.05)
+        threading.Thread(target=tick, name="left-by-job").start()
+
+    def close_sys_stdout():
+        sys.stdout.close()
+
+    def say(text):
+        print(text, flush=True)
+        return text
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm-helpers")
+    (root / "warm_helpers.py").write_text(HELPERS_SOURCE)
+    return str(root)
+
+
+def helper(helpers, name, *args):
+    return {"callable": f"warm_helpers:{name}", "sys_path": [helpers], "args": list(args)}
 
 
 def run(client, job_type="python", **fields):
@@ -70,6 +103,52 @@ def test_each_job_gets_its_own_env_directory_and_log(client, daemon):
     log_b = (daemon.home / "logs" / f"{b.id}.log").read_text()
     assert "output of A" in log_a and "output of B" not in log_a
     assert "output of B" in log_b and "output of A" not in log_b
+
+
+def log_of(daemon, job: Job) -> str:
+    return (daemon.home / "logs" / f"{job.id}.log").read_text()
+
+
+def test_a_job_that_closes_its_stdout_leaves_the_next_ones_their_output(client, daemon, helpers):
+    """The next job's log opened on the freed fd 1, and the dup2 onto 1 then closed
+    it: every later job on that worker lost its output (a bug, fixed). Each pair runs
+    on one worker: a fresh one's second and third jobs (MAX_JOBS is 3)."""
+    fresh_worker(client)
+    closed = run(client, payload={"callable": "os:close", "args": [1]}, max_attempts=1)
+    assert closed.state is State.DONE, closed
+    echo = run(
+        client, job_type="shell", payload={"argv": ["echo", "after fd 1 closed"]}, max_attempts=1
+    )
+    assert echo.state is State.DONE, log_of(daemon, echo)
+    assert "after fd 1 closed" in log_of(daemon, echo)
+    fresh_worker(client)
+    run(client, payload=helper(helpers, "close_sys_stdout"), max_attempts=1)
+    said = run(client, payload=helper(helpers, "say", "after sys.stdout closed"), max_attempts=1)
+    assert said.state is State.DONE, log_of(daemon, said)
+    assert "after sys.stdout closed" in log_of(daemon, said)
+
+
+def test_each_job_starts_with_umask_077_and_the_workers_limits(client):
+    fresh_worker(client)
+    umask = {"callable": "os:umask", "args": [0]}
+    assert [run(client, payload=umask).result_summary for _ in range(2)] == [0o077, 0o077]
+    nofile = {"callable": "resource:getrlimit", "args": [7]}  # RLIMIT_NOFILE
+    soft, hard = run(client, payload=nofile).result_summary
+    lowered = {"callable": "resource:setrlimit", "args": [7, [16, hard]]}
+    assert run(client, payload=lowered).state is State.DONE
+    assert run(client, payload=nofile).result_summary == [soft, hard]
+
+
+def test_a_job_that_leaves_a_thread_running_retires_its_worker(client, daemon, helpers):
+    pid = fresh_worker(client)
+    left = run(client, payload=helper(helpers, "leave_thread"))
+    assert left.state is State.DONE, log_of(daemon, left)
+    assert "this worker retires after the job: it left threads running (left-by-job)" in (
+        log_of(daemon, left)
+    )
+    after = run(client, job_type="shell", payload={"argv": ["sleep", "0.3"]})
+    assert "tick" not in log_of(daemon, after)
+    assert pid_of_worker(client) != pid
 
 
 def test_a_worker_that_dies_is_replaced(client):

@@ -85,15 +85,48 @@ def _not_running(target: Target, exc: OSError) -> DaemonNotRunning:
     )
 
 
-def _result(line: bytes, result_type: type[T]) -> T:
+class _OutOfStep(Exception):
+    """The reply read is not the one to the call just made: the connection is dropped."""
+
+
+def _result(line: bytes, result_type: type[T], call_id: int) -> T:
     try:
         response = _decode_response(line)
     except msgspec.DecodeError as exc:
         raise SemanticaError(f"the daemon sent a reply this SDK cannot read: {exc}") from None
+    # An error the daemon could not tie to a call (a message cut off as too large)
+    # carries a null id; any other reply must be to this call.
+    if response.id != call_id and not (response.id is None and response.error):
+        raise _OutOfStep(f"a reply to call {response.id!r} came for call {call_id}")
     if response.error is not msgspec.UNSET:
         raise error_from(response.error)
-    assert response.result is not msgspec.UNSET
-    return msgspec.json.decode(response.result, type=result_type)
+    if response.result is msgspec.UNSET:
+        raise SemanticaError("the daemon sent a reply with neither a result nor an error")
+    try:
+        return msgspec.json.decode(response.result, type=result_type)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise SemanticaError(
+            f"the daemon's result does not match this SDK ({exc}): is the daemon a "
+            "different version? `semantica --version` tells"
+        ) from None
+
+
+def _unreachable(target: Target, exc: OSError) -> SemanticaError:
+    """A connection that could not even be attempted (a socket path too long, a bad
+    host name): a mistake in where to connect, not a daemon that is down."""
+    return SemanticaError(f"cannot connect to the daemon at {target.describe()}: {exc}")
+
+
+def _lost(method: str, exc: BaseException) -> ConnectionLost:
+    return ConnectionLost(
+        f"lost the connection to the daemon during {method} ({exc}); "
+        "it may or may not have been carried out: check before retrying"
+    )
+
+
+# After a refused send (the daemon stopped reading a message too large and closed
+# its end), how long to look for the error it sent first.
+REFUSAL_READ_S = 1.0
 
 
 def _enqueue_params(request: EnqueueRequest | None, fields: dict[str, Any]) -> Any:
@@ -328,31 +361,51 @@ class Client(_Methods):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise _not_running(t, exc) from None
+        except OSError as exc:
+            raise _unreachable(t, exc) from None
         self._sock = sock
         if t.token is not None:
             self._roundtrip(p.AUTH_METHOD, {"token": t.token}, p.Authenticated, self.timeout)
 
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer.clear()
+
     def _roundtrip(self, method: str, params: Any, result_type: Any, timeout: float) -> Any:
+        """One call and its reply. Whatever stops it half-way (a lost connection, a
+        timeout, KeyboardInterrupt) drops the connection: a reply left unread would
+        otherwise be taken for the next call's."""
         assert self._sock is not None
-        self._sock.settimeout(timeout)
+        sock = self._sock
+        call_id = next(self._ids)
         try:
-            self._sock.sendall(p.encode_request(method, params, next(self._ids)) + b"\n")
+            sock.settimeout(timeout)
+            try:
+                sock.sendall(p.encode_request(method, params, call_id) + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                # Refused part-way (too large): the daemon's error may be there to read.
+                sock.settimeout(REFUSAL_READ_S)
             while (newline := self._buffer.find(b"\n")) < 0:
-                data = self._sock.recv(65536)
+                data = sock.recv(65536)
                 if not data:
                     raise ConnectionResetError("the daemon closed the connection")
                 self._buffer += data
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            return _result(line, result_type, call_id)
         except (OSError, TimeoutError) as exc:
-            self._sock.close()
-            self._sock = None
-            self._buffer.clear()
-            raise ConnectionLost(
-                f"lost the connection to the daemon during {method} ({exc}); "
-                "it may or may not have been carried out: check before retrying"
-            ) from None
-        line = bytes(self._buffer[:newline])
-        del self._buffer[: newline + 1]
-        return _result(line, result_type)
+            self._drop()
+            raise _lost(method, exc) from None
+        except _OutOfStep as exc:
+            self._drop()
+            raise _lost(method, exc) from None
+        except SemanticaError:
+            raise
+        except BaseException:
+            self._drop()
+            raise
 
     def _call(self, method: str, params: Any, result_type: Any, timeout: float | None = None):
         with self._lock:
@@ -401,27 +454,45 @@ class AsyncClient(_Methods):
                 exc.errno is None and "refused" in str(exc).lower()
             ):
                 raise _not_running(t, exc) from None
-            raise
+            raise _unreachable(t, exc) from None
         if t.token is not None:
             await self._roundtrip(p.AUTH_METHOD, {"token": t.token}, p.Authenticated, self.timeout)
 
-    async def _roundtrip(self, method: str, params: Any, result_type: Any, timeout: float) -> Any:
+    async def _drop(self) -> None:
         import anyio
 
+        with anyio.CancelScope(shield=True):  # also when the call was cancelled
+            await self.aclose()
+
+    async def _roundtrip(self, method: str, params: Any, result_type: Any, timeout: float) -> Any:
+        """One call and its reply. Whatever stops it half-way (a lost connection, a
+        timeout, a cancelled scope) drops the connection: a reply left unread would
+        otherwise be taken for the next call's."""
+        import anyio
+
+        gone = (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError)
+        call_id = next(self._ids)
         try:
             with anyio.fail_after(timeout):
-                await self._stream.send(p.encode_request(method, params, next(self._ids)) + b"\n")
+                try:
+                    await self._stream.send(p.encode_request(method, params, call_id) + b"\n")
+                except gone:
+                    if not self._buffer:  # refused part-way (too large): read its error
+                        with anyio.move_on_after(REFUSAL_READ_S):
+                            self._buffer += await self._stream.receive(65536)
                 while (newline := self._buffer.find(b"\n")) < 0:
                     self._buffer += await self._stream.receive(65536)
-        except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-            await self.aclose()
-            raise ConnectionLost(
-                f"lost the connection to the daemon during {method} ({exc!r}); "
-                "it may or may not have been carried out: check before retrying"
-            ) from None
-        line = bytes(self._buffer[:newline])
-        del self._buffer[: newline + 1]
-        return _result(line, result_type)
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            return _result(line, result_type, call_id)
+        except (*gone, _OutOfStep) as exc:
+            await self._drop()
+            raise _lost(method, exc) from None
+        except SemanticaError:
+            raise
+        except BaseException:
+            await self._drop()
+            raise
 
     async def _call(self, method: str, params: Any, result_type: Any, timeout: float | None = None):
         import anyio

@@ -21,6 +21,7 @@ from harness import API_TEST_QUEUES, daemon_env, http_post, make_home, remove_ho
 
 import semantica
 from semantica.domain import State
+from semantica.errors import TooLarge
 
 
 @pytest.fixture
@@ -195,6 +196,74 @@ def test_curl_sends_a_large_body_with_expect_100_continue(daemon, tmp_path):
     assert "Expect: 100-continue" in curl.stderr  # what this test is about
     reply = json.loads(curl.stdout)
     assert reply["id"] == 7 and reply["result"]["state"] == "QUEUED"
+
+
+def test_a_cancelled_async_call_leaves_the_client_in_step(daemon):
+    """A call cancelled after its request went out left its reply unread, and the
+    next call returned that reply: another job than the one asked for (fixed)."""
+
+    async def use() -> tuple[str, str, int]:
+        async with semantica.AsyncClient(daemon.socket_path) as c:
+            a = await c.enqueue(job_type="noop")
+            b = await c.enqueue(job_type="noop")
+            with anyio.move_on_after(0.2):
+                await c.wait(a.id, timeout_ms=1000)  # queued on a held queue: times out
+            got = await c.get(b.id)
+            stats = await c.stats()
+            return b.id, got.id, stats.jobs_by_state["QUEUED"]
+
+    for backend in ("asyncio", "trio"):
+        asked, got, queued = anyio.run(use, backend=backend)
+        assert got == asked and queued >= 2
+
+
+def test_an_interrupted_blocking_call_leaves_the_client_in_step(daemon):
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with semantica.Client(daemon.socket_path) as c:
+            a = c.enqueue(job_type="noop")
+            b = c.enqueue(job_type="noop")
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(KeyboardInterrupt):
+                c.wait(a.id, timeout_ms=1000)
+            assert c.get(b.id).id == b.id
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_sdk_tells_a_message_too_large_not_a_lost_connection():
+    """Over the Unix socket the daemon refuses a too large message and closes; the
+    SDK's send then broke (EPIPE) and it reported a lost connection that "may or may
+    not have been carried out", about half the time (fixed: it reads the 4013)."""
+    d = start_daemon(SEMANTICA_MAX_MESSAGE_BYTES="100000")
+    try:
+        big = {"blob": "x" * 4_000_000}
+        for _ in range(5):
+            with d.client() as c, pytest.raises(TooLarge, match="limit is 100000"):
+                c.enqueue(job_type="noop", payload=big)
+
+        async def use():
+            async with semantica.AsyncClient(d.socket_path) as c:
+                await c.enqueue(job_type="noop", payload=big)
+
+        for backend in ("asyncio", "trio"):
+            with pytest.raises(TooLarge, match="limit is 100000"):
+                anyio.run(use, backend=backend)
+        with d.client() as c:
+            assert sum(c.stats().jobs_by_state.values()) == 0
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_sdk_says_where_it_cannot_connect(tmp_path):
+    too_long = tmp_path / ("x" * 120 + ".sock")
+    with pytest.raises(semantica.SemanticaError, match="cannot connect to the daemon at"):
+        semantica.Client(too_long).stats()
 
 
 def test_sdk_says_how_to_start_a_missing_daemon(tmp_path):

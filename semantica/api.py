@@ -373,20 +373,26 @@ class Api:
         path = self.launcher.log_path(job.id)
         if params.offset is None:
             lines, size = await trio.to_thread.run_sync(joblog.last_lines, path, params.n)
-            return p.LogChunk(lines=lines, offset=size, eof=job.is_terminal)
+            return p.LogChunk(lines=lines, offset=size, eof=self._log_ended(job))
         deadline = trio.current_time() + params.wait_ms / 1000
         while True:
             job = self.store.get(job.id)  # read before the file: an ended job wrote all
+            ended = self._log_ended(job)
             data, offset = await trio.to_thread.run_sync(
-                functools.partial(joblog.read_from, path, params.offset, to_end=job.is_terminal)
+                functools.partial(joblog.read_from, path, params.offset, to_end=ended)
             )
-            if data or job.is_terminal or trio.current_time() >= deadline or self.draining:
+            if data or ended or trio.current_time() >= deadline or self.draining:
                 lines = data.decode("utf-8", "replace").splitlines()
-                eof = job.is_terminal and offset >= joblog.file_size(path)
+                eof = ended and offset >= joblog.file_size(path)
                 return p.LogChunk(lines=lines, offset=offset, eof=eof)
             with trio.move_on_at(deadline):  # new output is checked a few times a second
                 with trio.move_on_after(LOG_FOLLOW_CHECK_S):
                     await self.watch.wait_for_change(job.id)
+
+    def _log_ended(self, job: Job) -> bool:
+        """Whether the job's log is complete: it ended, and no process of it is left
+        to write (a cancelled job's is stopped after the job counts as CANCELLED)."""
+        return job.is_terminal and not self.dispatcher.has_process(job.id)
 
     def job_changed(self, job: Job) -> None:
         """A job changed state outside a request (it started, ended, was retried)."""
@@ -411,7 +417,7 @@ class Api:
             if job.state is State.QUEUED and job.ttl_ms is not None:
                 self.dispatcher.due_at(job.created_at + job.ttl_ms)
             for job_id in result.superseded_running_ids:
-                self.dispatcher.stop_job(job_id)
+                self.dispatcher.stop_job(job_id, (job.queue, job.job_type, job.subject_key))
             if debug:
                 log.debug("job_enqueued", job_id=job.id, queue=job.queue, job_type=job.job_type)
             if not (
@@ -441,8 +447,9 @@ class Api:
             job_id=params.id, tag=params.tag, chain=params.chain, now=self.clock()
         )
         self.watch.changed(result.cancelled + result.dependents_cancelled)
-        for job_id in result.was_running:
-            self.dispatcher.stop_job(job_id)  # its process group is stopped; it stays CANCELLED
+        for job_id in result.was_running:  # its process group is stopped; it stays CANCELLED
+            was = self.store.get(job_id)
+            self.dispatcher.stop_job(job_id, (was.queue, was.job_type, was.subject_key))
         for job_id in result.cancelled + result.dependents_cancelled:
             self._log_state_change(self.store.get(job_id))
         return p.Cancelled(
@@ -472,7 +479,12 @@ class Api:
         if job.state is not State.QUEUED:
             return job
         now = self.clock()
-        facts = self.store.wait_facts(job, now=now, global_limit=self.dispatcher.workers)
+        facts = self.store.wait_facts(
+            job,
+            now=now,
+            global_limit=self.dispatcher.workers,
+            stopping=self.dispatcher.stopping_keys(),
+        )
         if job.wait_for_idle or job.require_charging:
             offered = self.conditions()
             facts = msgspec.structs.replace(

@@ -78,6 +78,10 @@ class Dispatcher:
         self._enqueued_into: set[str] = set()
         self._due: list[int] = []  # heap: times at which a queued job becomes ready or expires
         self._running: dict[str, trio.CancelScope] = {}
+        # Subjects whose running job was cancelled or superseded and whose process is
+        # still stopping: no job of the subject starts until it is gone (SPEC §3, at
+        # most one runs per key). job id -> (queue, job_type, subject_key)
+        self._stopping_keys: dict[str, tuple[str, str, str]] = {}
         self._stopping = False
         self._job_ended = trio.Event()
         # Attempts that ended, to be recorded by the next look (in the transaction that
@@ -129,17 +133,29 @@ class Dispatcher:
             if nearest is None or when_ms < nearest:
                 self._wake.set()
 
-    def stop_job(self, job_id: str) -> bool:
-        """Stop a running job's process group (it was cancelled or superseded)."""
+    def stop_job(self, job_id: str, key: tuple[str, str, str | None] | None = None) -> bool:
+        """Stop a running job's process group (it was cancelled or superseded). Its
+        subject `key` (queue, job_type, subject_key) stays taken until the process
+        is gone."""
         scope = self._running.get(job_id)
         if scope is None:
             return False
+        if key is not None and key[2] is not None:
+            self._stopping_keys[job_id] = (key[0], key[1], key[2])
         scope.cancel()
         return True
 
     @property
     def running(self) -> int:
         return len(self._running)
+
+    def has_process(self, job_id: str) -> bool:
+        """Whether a process of this job may still run (and write to its log)."""
+        return job_id in self._running
+
+    def stopping_keys(self) -> dict[tuple[str, str, str], str]:
+        """(queue, job_type, subject_key) -> the id of the job whose process is stopping."""
+        return {key: job_id for job_id, key in self._stopping_keys.items()}
 
     # ----------------------------------------------------------------- recovery
 
@@ -307,6 +323,7 @@ class Dispatcher:
                     conditions=offered,
                     warm_runner=None if worker is None else (worker.pid, worker.start_time),
                     fresh_runner=fresh,
+                    stopping_keys=list(self._stopping_keys.values()),
                 )
             except BaseException:
                 if worker is not None:
@@ -472,6 +489,7 @@ class Dispatcher:
             )
         finally:
             del self._running[job.id]
+            self._stopping_keys.pop(job.id, None)
             self._job_ended.set()
             self.wake()
         # Recorded by the next look, with the claim of the job that takes its place.

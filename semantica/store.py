@@ -16,7 +16,7 @@ import os
 import random
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +348,12 @@ WITH heads (seq) AS MATERIALIZED (
                         WHERE r.state = 'RUNNING' AND r.subject_key IS NOT NULL
                           AND r.queue = j.queue AND r.job_type = j.job_type
                           AND r.subject_key = j.subject_key)
+                    -- a cancelled or superseded job of the key whose process is
+                    -- still stopping: [[queue, job_type, subject_key], ...]
+                    AND NOT EXISTS (
+                        SELECT 1 FROM json_each(:stopping) AS k
+                        WHERE k.value ->> 0 = j.queue AND k.value ->> 1 = j.job_type
+                          AND k.value ->> 2 = j.subject_key)
                     AND j.generation = (
                         SELECT s.latest_generation FROM subjects AS s
                         WHERE s.queue = j.queue AND s.job_type = j.job_type
@@ -1241,6 +1247,7 @@ class Store:
         conditions: Conditions,
         warm_runner: tuple[int, int] | None = None,
         fresh_runner: tuple[int, int] | None = None,
+        stopping_keys: Sequence[tuple[str, str, str]] = (),
     ) -> Job | None:
         """Atomically take the best ready job and mark it RUNNING, or return None.
 
@@ -1257,6 +1264,9 @@ class Store:
         job; `fresh_runner`: the process forked ahead that would run a SUBPROCESS
         job. The one for the claimed job's mode is recorded with the claim. Other
         jobs get their runner recorded once their process exists (`record_runner`).
+
+        `stopping_keys` (queue, job_type, subject_key): subjects whose cancelled or
+        superseded job's process is still being stopped; none of their jobs starts.
         """
         pid, start_time = warm_runner if warm_runner is not None else (None, None)
         fresh_pid, fresh_start_time = fresh_runner if fresh_runner is not None else (None, None)
@@ -1269,6 +1279,7 @@ class Store:
             "warm_start_time": start_time,
             "fresh_pid": fresh_pid,
             "fresh_start_time": fresh_start_time,
+            "stopping": _json_encode(stopping_keys).decode() if stopping_keys else "[]",
         }
         with self._no_fsync(), self._writing():
             rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()
@@ -1420,8 +1431,16 @@ class Store:
         expiry = self._db.execute(SQL_NEXT_EXPIRY, {"now": now}).fetchall()[0][0]
         return run_after, expiry
 
-    def wait_facts(self, job: Job, *, now: int, global_limit: int) -> domain.WaitFacts:
-        """What holds a QUEUED job back now (see domain.waiting_reason)."""
+    def wait_facts(
+        self,
+        job: Job,
+        *,
+        now: int,
+        global_limit: int,
+        stopping: Mapping[tuple[str, str, str], str] | None = None,
+    ) -> domain.WaitFacts:
+        """What holds a QUEUED job back now (see domain.waiting_reason). `stopping`:
+        as `claim_next_job`'s stopping_keys, each with its job's id."""
         db = self._db
         paused, limit, queue_running = db.execute(SQL_WAIT_QUEUE, (job.queue,)).fetchall()[0]
         latest, running_same = None, None
@@ -1430,6 +1449,8 @@ class Store:
                 SQL_WAIT_SUBJECT,
                 {"queue": job.queue, "job_type": job.job_type, "subject_key": job.subject_key},
             ).fetchall()[0]
+            if running_same is None and stopping:
+                running_same = stopping.get((job.queue, job.job_type, job.subject_key))
         seq = db.execute("SELECT seq FROM jobs WHERE id = ?", (job.id,)).fetchall()[0][0]
         ahead = db.execute(
             SQL_WAIT_AHEAD,

@@ -248,6 +248,56 @@ def test_supersede_running_stops_the_older_run(client):
     assert live_group_members(pid) == []
 
 
+# A job that takes its time to stop: on SIGTERM it notes it, cleans up for 0.6 s and
+# notes that too, in a file shared with the next job of its subject.
+SLOW_TO_STOP = (
+    'trap \'echo "A got TERM" >> "$0"; sleep 0.6; echo "A cleaned up" >> "$0"; '
+    'echo "A: last words"; exit 0\' TERM; echo "A started" >> "$0"; '
+    "while :; do sleep 0.05; done"
+)
+
+
+@pytest.mark.parametrize("how", ["cancel", "supersede_running"])
+@pytest.mark.parametrize("mode", ["SUBPROCESS", "WARM"])
+def test_the_next_job_of_a_subject_waits_for_the_stopped_ones_process(client, tmp_path, mode, how):
+    """SPEC §3: per key, at most one job runs at a time. The newer job started while
+    the cancelled or superseded one's process was still stopping (fixed)."""
+    trail = tmp_path / "trail"
+    key = f"slow-stop-{mode}-{how}"
+    old = client.enqueue(
+        job_type="shell",
+        subject_key=key,
+        execution_mode=mode,
+        payload={"argv": ["sh", "-c", SLOW_TO_STOP, str(trail)]},
+    )
+    wait_for_state(client, old.id, lambda j: trail.exists() and j.state is State.RUNNING)
+    newer = {"job_type": "shell", "subject_key": key, "execution_mode": mode}
+    newer["payload"] = {"argv": ["sh", "-c", 'echo "B started" >> "$0"', str(trail)]}
+    if how == "cancel":
+        client.cancel(old.id)
+        new = client.enqueue(**newer)
+    else:
+        new = client.enqueue(**newer, supersede_running=True)
+    stopped = client.wait(old.id, timeout_ms=10_000)
+    assert stopped.state in (State.CANCELLED, State.SUPERSEDED)
+    # While the old process cleans up: the log is not over, and the new job waits.
+    tail = client.logs(old.id)
+    waiting = client.get(new.id)
+    if "A cleaned up" not in trail.read_text():
+        assert not tail.eof
+        assert waiting.state is State.QUEUED
+        assert f"is still running (job {old.id})" in (waiting.waiting_reason or "")
+    assert client.wait(new.id, timeout_ms=10_000).state is State.DONE
+    assert trail.read_text().splitlines() == [
+        "A started",
+        "A got TERM",
+        "A cleaned up",
+        "B started",
+    ]
+    follow = client.logs(old.id, offset=0, wait_ms=5_000)
+    assert follow.eof and "A: last words" in follow.lines
+
+
 @pytest.mark.parametrize("mode", ["SUBPROCESS", "WARM"])
 def test_progress_is_shown_while_the_job_runs(client, helpers, tmp_path, mode):
     release = tmp_path / "release"

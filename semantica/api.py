@@ -514,10 +514,23 @@ class Api:
     def _backup_path(self, raw: str) -> Path:
         """Where a backup may go: an absolute path, in an existing directory, not
         already taken (a backup never overwrites anything)."""
+        try:
+            return self._checked_backup_path(raw)
+        except OSError as exc:  # a name the system refuses (too long, a bad component)
+            raise ValidationError("path", f"cannot be used: {exc.strerror or exc}") from None
+
+    def _checked_backup_path(self, raw: str) -> Path:
+        if "\x00" in raw:
+            raise ValidationError("path", "must not contain a NUL character")
         path = Path(raw)
         if not path.is_absolute():
             raise ValidationError(
                 "path", f"must be absolute (the daemon's directory is not yours): {raw!r}"
+            )
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX") if path.parent.is_dir() else 255
+        if len(os.fsencode(path.name)) + len(".partial") > name_max:
+            raise ValidationError(
+                "path", f"the file name is too long: at most {name_max - 8} bytes here"
             )
         if not path.parent.is_dir():
             raise ValidationError("path", f"{path.parent} is not a directory: create it first")

@@ -363,7 +363,8 @@ class Server:
                 if len(buf) > limits.max_message_bytes:
                     await self._refuse_oversized(conn, "NDJSON line")
                     return
-                if buf.strip():
+                if buf.strip():  # a message is arriving: not idle, not to be evicted
+                    conn.idle_since = None
                     deadline = started + limits.request_timeout_s
                 else:
                     conn.idle_since = conn.idle_since or time.monotonic()
@@ -379,6 +380,9 @@ class Server:
                     started = trio.current_time()
                 buf += data
                 newline = buf.find(b"\n", max(0, len(buf) - len(data)))
+            if newline > limits.max_message_bytes:  # it arrived with its newline at once
+                await self._refuse_oversized(conn, "NDJSON line")
+                return
             line = bytes(buf[:newline])
             del buf[: newline + 1]
             if line.strip():
@@ -530,8 +534,10 @@ class Server:
     def _bearer_ok(self, header: bytes) -> bool:
         if self.token is None:
             return False
-        expected = b"Bearer " + self.token.encode()
-        return hmac.compare_digest(header.strip(), expected)
+        scheme, _, credentials = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":  # scheme names are case-insensitive (RFC 9110)
+            return False
+        return hmac.compare_digest(credentials.strip(), self.token.encode())
 
     def _unauthorized(self) -> p.RpcError:
         return p.RpcError(
@@ -627,6 +633,14 @@ class Server:
 
     def _rate_limited_reply(self, calls: list[p.Call], batch: bool = False) -> bytes | None:
         err = self._rate_limited_error()
+        if batch and len(calls) > self.limits.rate_burst:  # waiting would never let it in
+            err = p.RpcError(
+                p.RATE_LIMITED,
+                f"rate limited: this batch has {len(calls)} calls, more than the "
+                f"{self.limits.rate_burst:g} a connection may make at once: split it into "
+                "smaller batches, or put its jobs in one dev.enqueue_batch.v1",
+                {"batch_calls": len(calls), "burst": self.limits.rate_burst},
+            )
         replies = [p.error_response(c.id, err) for c in calls if not c.is_notification]
         if not replies:
             return None

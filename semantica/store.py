@@ -1620,7 +1620,8 @@ class Store:
                 where.append(f"{column} = ?")
                 args.append(value)
         if cursor is not None:
-            if not cursor.isdigit():
+            # ASCII digits only (isdigit() takes '²'), and within SQLite's integers.
+            if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
                 raise ValidationError("cursor", "is not a cursor this server returned")
             where.append("seq < ?")
             args.append(int(cursor))

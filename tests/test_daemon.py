@@ -142,6 +142,21 @@ def test_tcp_needs_the_token(daemon):
         headers={"Authorization": f"Bearer {daemon.token}"},
     )
     assert status == 200 and b'"result"' in body
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110)
+        status, _ = http_post(
+            daemon,
+            b'{"jsonrpc":"2.0","method":"admin.stats.v1","id":1}',
+            tcp=True,
+            headers={"Authorization": f"{scheme} {daemon.token}"},
+        )
+        assert status == 200, scheme
+    status, _ = http_post(
+        daemon,
+        b'{"jsonrpc":"2.0","method":"admin.stats.v1","id":1}',
+        tcp=True,
+        headers={"Authorization": f"Basic {daemon.token}"},
+    )
+    assert status == 401
 
 
 def test_tcp_listens_on_loopback_only(daemon):

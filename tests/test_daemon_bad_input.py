@@ -783,6 +783,28 @@ def test_invalid_notifications_are_answered_with_null_id(daemon):
     assert_serving(daemon)
 
 
+@pytest.mark.parametrize(
+    ("method", "params", "field"),
+    [
+        pytest.param("jobs.list.v1", {"cursor": "\u00b2"}, "cursor", id="cursor-superscript"),
+        pytest.param("jobs.list.v1", {"cursor": "9" * 30}, "cursor", id="cursor-huge"),
+        pytest.param("admin.backup.v1", {"path": "/tmp/a\u0000b"}, "path", id="backup-nul"),
+        pytest.param("admin.backup.v1", {"path": "/tmp/" + "b" * 300}, "path", id="backup-long"),
+        pytest.param(
+            "admin.backup.v1", {"path": "/" + "d" * 300 + "/x.db"}, "path", id="backup-long-dir"
+        ),
+    ],
+)
+def test_values_the_system_refuses_are_validation_errors(daemon, method, params, field):
+    """They were internal errors (-32603, a traceback in the log) before."""
+    before = snapshot(daemon)
+    [reply] = send_ndjson(daemon, rpc(method, params, 1))
+    err = assert_error(reply, p.VALIDATION, 1)
+    assert err["data"]["field"] == field
+    assert snapshot(daemon) == before
+    assert_serving(daemon)
+
+
 def test_empty_http_body_is_a_parse_error(daemon):
     before = snapshot(daemon)
     [reply] = send_http(daemon, b"")
@@ -999,6 +1021,21 @@ def test_oversized_ndjson_line_is_cut_off_before_it_is_buffered(tight):
     [reply] = [json.loads(line) for line in lines]
     assert_error(reply, p.TOO_LARGE, None, {"limit_bytes": SMALL_LIMIT})
     assert '"message_too_large"' in new_log(tight, offset)
+    assert snapshot(tight) == before
+    assert_serving(tight)
+
+
+def test_an_oversized_ndjson_line_sent_whole_is_refused(tight):
+    """A line up to 64 KiB over the limit got through when it arrived with its
+    newline in the same read (fixed)."""
+    before = snapshot(tight)
+    filler = "x" * (SMALL_LIMIT + 20_000)
+    line = rpc(ENQ, {"job_type": "noop", "payload": {"filler": filler}}, 1) + b"\n"
+    with unix_socket(tight) as s:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(line)
+        [reply] = [json.loads(x) for x in read_to_eof(s).split(b"\n") if x]
+    assert_error(reply, p.TOO_LARGE, None, {"limit_bytes": SMALL_LIMIT})
     assert snapshot(tight) == before
     assert_serving(tight)
 
@@ -1220,6 +1257,32 @@ def test_500_connections_over_a_cap_of_50_each_get_an_answer(capped):
     assert_serving(capped)
 
 
+def test_a_connection_sending_a_message_is_not_evicted_as_idle(capped):
+    """The oldest connection is part-way through a message: an idle one makes room."""
+    time.sleep(0.2)
+    partial = unix_socket(capped)
+    socks = []
+    try:
+        partial.sendall(b'{"jsonrpc":"2.0",')
+        time.sleep(0.1)  # the longest connected, and the longest since its last reply
+        for i in range(49):
+            s = unix_socket(capped)
+            s.sendall(rpc("admin.stats.v1", None, i) + b"\n")
+            assert json.loads(read_line(s, bytearray()))["id"] == i
+            socks.append(s)
+        with capped.client(timeout=5) as c:
+            assert c.stats().running == 0
+        partial.sendall(b'"method":"admin.health.v1","id":"late"}\n')
+        assert json.loads(read_line(partial, bytearray()))["id"] == "late"
+        socks[0].settimeout(5)
+        [line] = [x for x in read_to_eof(socks[0]).split(b"\n") if x]
+        assert_error(json.loads(line), p.RATE_LIMITED, None)  # this one made room
+    finally:
+        for s in [partial, *socks]:
+            s.close()
+    assert_serving(capped)
+
+
 def test_idle_connections_are_evicted_to_let_a_new_client_in(capped):
     time.sleep(0.2)  # let the daemon notice that earlier tests' sockets closed
     socks = []
@@ -1331,12 +1394,15 @@ def test_rate_limit_per_connection(throttled):
 
 
 def test_rate_limit_refuses_a_batch_bigger_than_the_burst_whole(throttled):
+    """Whole, and saying that waiting will not help (a client told only to slow down
+    retried it for ever)."""
     before = snapshot(throttled)
     batch = b"[%s]" % b",".join(rpc(ENQ, {"job_type": "noop"}, i) for i in range(20))
     [replies] = send_ndjson(throttled, batch)
     assert len(replies) == 20
     for i, r in enumerate(replies):
-        assert_error(r, p.RATE_LIMITED, i)
+        err = assert_error(r, p.RATE_LIMITED, i, {"batch_calls": 20, "burst": 5})
+        assert "split it into smaller batches" in err["message"]
     assert snapshot(throttled) == before
     assert_serving(throttled)
 

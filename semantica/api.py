@@ -382,7 +382,7 @@ class Api:
                 functools.partial(joblog.read_from, path, params.offset, to_end=ended)
             )
             if data or ended or trio.current_time() >= deadline or self.draining:
-                lines = data.decode("utf-8", "replace").splitlines()
+                lines = joblog.lines_of(data)
                 eof = ended and offset >= joblog.file_size(path)
                 return p.LogChunk(lines=lines, offset=offset, eof=eof)
             with trio.move_on_at(deadline):  # new output is checked a few times a second

@@ -16,12 +16,24 @@ def file_size(path: Path) -> int:
         return 0
 
 
+def lines_of(data: bytes) -> list[str]:
+    """The lines of log bytes, split at newlines only (a carriage return or a form
+    feed inside a line stays in it, so `n` lines are n newlines); a CRLF ending is
+    taken off like the LF."""
+    parts = data.decode("utf-8", "replace").split("\n")
+    if parts[-1] == "":
+        parts.pop()
+    return [part.removesuffix("\r") for part in parts]
+
+
 def read_from(path: Path, offset: int, *, to_end: bool = False) -> tuple[bytes, int]:
     """Whole lines after `offset` (up to 1 MiB), and the offset after them. With
     `to_end` (the job has ended, nothing more will be written) a last line without
-    its newline is included too."""
+    its newline is included too. An offset at or past the end reads nothing."""
     try:
         with open(path, "rb") as f:
+            if offset >= os.fstat(f.fileno()).st_size:  # no seek past what a file can hold
+                return b"", offset
             f.seek(offset)
             data = f.read(CHUNK_MAX_BYTES)
     except FileNotFoundError:
@@ -51,4 +63,4 @@ def last_lines(path: Path, n: int) -> tuple[list[str], int]:
                 data = f.read(size - len(data) - start) + data
     except FileNotFoundError:
         return [], 0
-    return data.decode("utf-8", "replace").splitlines()[-n:], size
+    return lines_of(data)[-n:], size

@@ -330,6 +330,24 @@ def test_progress_and_logs_follow(client):
     assert again.lines == [] and again.eof
 
 
+def test_log_lines_are_split_at_newlines_only(client):
+    """A carriage return (progress bars) stays in its line: `n` counts newlines."""
+    script = "printf 'a\\rb\\rc\\nCRLF line\\r\\nform\\ffeed\\n'"
+    job = run_to_end(client, job_type="shell", payload={"argv": ["sh", "-c", script]})
+    lines = client.logs(job.id, n=100).lines
+    assert "a\rb\rc" in lines and "CRLF line" in lines and "form\ffeed" in lines
+    followed = client.logs(job.id, offset=0).lines
+    assert "a\rb\rc" in followed and "form\ffeed" in followed
+
+
+@pytest.mark.parametrize("offset", [2**40, 2**62, 2**63 - 1])
+def test_an_offset_past_any_file_reads_nothing(client, offset):
+    """A huge offset made the seek fail: -32603 and a traceback (fixed)."""
+    job = run_to_end(client, job_type="noop")
+    chunk = client.logs(job.id, offset=offset)
+    assert chunk.lines == [] and chunk.offset == offset and chunk.eof  # it has ended
+
+
 def test_job_output_without_newline_and_runner_lines_stay_apart(client):
     job = run_to_end(client, job_type="shell", payload={"argv": ["printf", "no newline"]})
     lines = client.logs(job.id, n=10).lines

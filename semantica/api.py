@@ -159,6 +159,9 @@ class GroupCommitter:
             self.on_committed(stored)
 
 
+RETRYABLE_STATES = (State.FAILED, State.CANCELLED, State.EXPIRED)  # what jobs.retry.v1 takes
+
+
 def rpc_error_for(exc: Exception) -> p.RpcError:
     """The JSON-RPC error a person can act on, for an exception from the store."""
     match exc:
@@ -337,8 +340,19 @@ class Api:
     async def retry(self, params: p.JobIdParams) -> Job:
         """Run a job that ended FAILED, CANCELLED or EXPIRED again, as a new job."""
         job = self.store.get(params.id)
-        if job.state not in (State.FAILED, State.CANCELLED, State.EXPIRED):
-            raise IllegalTransition(job.state, State.QUEUED, job.id)
+        if job.state not in RETRYABLE_STATES:
+            what = {
+                State.QUEUED: "it has not run yet",
+                State.RUNNING: "it is still running: wait for it, or cancel it first",
+                State.DONE: "it succeeded: enqueue a new job to run it again",
+                State.SUPERSEDED: "a newer job of its subject replaced it",
+            }[job.state]
+            raise p.RpcError(
+                p.CONFLICT,
+                f"job {job.id} is {job.state.value}: retry takes a FAILED, CANCELLED or "
+                f"EXPIRED job, and {what}",
+                {"id": job.id, "state": job.state.value},
+            )
         req = EnqueueRequest(
             job_type=job.job_type,
             queue=job.queue,

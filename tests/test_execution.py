@@ -382,6 +382,14 @@ def test_retry_runs_a_failed_job_again_as_a_new_job(client):
     with pytest.raises(semantica.SemanticaError) as info:
         client.retry(run_to_end(client, job_type="noop").id)
     assert info.value.code == 4009
+    assert "retry takes a FAILED, CANCELLED or EXPIRED job, and it succeeded" in str(info.value)
+    running = client.enqueue(job_type="sleep", payload={"seconds": 30})
+    wait_until_running(client, running.id)
+    with pytest.raises(semantica.SemanticaError) as info:
+        client.retry(running.id)
+    assert "is RUNNING" in str(info.value) and "cancel it first" in str(info.value)
+    assert info.value.data == {"id": running.id, "state": "RUNNING"}
+    client.cancel(running.id)
 
 
 def test_index_file_does_real_work(client):

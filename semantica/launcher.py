@@ -471,7 +471,7 @@ class Launcher:
             return Outcome(
                 error_kind=None if result.error_kind is None else result.error_kind,
                 error_message=result.error_message,
-                exit_code=0,
+                exit_code=0 if result.exit_code is None else result.exit_code,
                 result_summary=result.result_summary,
                 artifacts=result.artifacts,
                 permanent=result.permanent,

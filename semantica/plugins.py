@@ -97,7 +97,11 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
 
     result_summary: Any = None
     artifacts: list[str] = msgspec.field(default_factory=list)
-    # From the runner: "exception" | "retryable" (retried), or "permanent" | "bad_result" |
+    # The exit status of what the plugin ran, when its exception told one (negative: a
+    # signal), with error_kind "exit" or "signal"; None otherwise.
+    exit_code: int | None = None
+    # From the runner: "exception" | "exit" | "signal" | "retryable" (retried), or
+    # "permanent" | "bad_result" |
     # "unknown_job_type" | "plugin_load" | "bad_spec" (with permanent=True).
     error_kind: str | None = None
     error_message: str | None = None

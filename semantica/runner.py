@@ -303,6 +303,7 @@ def _artifact_path(artifact: Any, artifacts_dir: Path) -> str:
 def _failure(exc: BaseException, context: str | None = None, *, kind: str | None = None) -> Result:
     """The Result for an exception, after writing it with its traceback to the job log."""
     retry_after_ms = None
+    exit_code = _exit_code_of(exc) if kind is None else None
     if kind is not None:
         permanent = True
     elif isinstance(exc, PermanentError):
@@ -312,13 +313,32 @@ def _failure(exc: BaseException, context: str | None = None, *, kind: str | None
         retry_after_ms = _retry_after(exc.retry_after_ms)
     elif _flagged_permanent(exc):
         kind, permanent = "permanent", True
+    elif exit_code is not None:
+        kind, permanent = ("signal" if exit_code < 0 else "exit"), False
     else:
         kind, permanent = "exception", False
     message = _describe(exc)
     if context is not None:
         message = f"{context}: {message}"
-    result = Result(error_kind=kind, permanent=permanent, retry_after_ms=retry_after_ms)
+    result = Result(
+        error_kind=kind, permanent=permanent, retry_after_ms=retry_after_ms, exit_code=exit_code
+    )
     return _report(result, message, exc)
+
+
+def _exit_code_of(exc: BaseException) -> int | None:
+    """The exit status an exception reports for a command the plugin ran: its integer
+    `exit_code` attribute (the shell runner's CommandFailed), or a
+    subprocess.CalledProcessError's returncode; negative for a signal."""
+    import subprocess
+
+    try:
+        code = exc.returncode if isinstance(exc, subprocess.CalledProcessError) else None
+        if code is None:
+            code = getattr(exc, "exit_code", None)
+    except Exception:
+        return None
+    return code if isinstance(code, int) and not isinstance(code, bool) and code != 0 else None
 
 
 def _report(result: Result, message: str, exc: BaseException | None = None) -> Result:

@@ -147,6 +147,25 @@ def test_exit_and_signal_are_recorded(client):
     assert killed.error_kind == "signal" and "SIGKILL" in killed.error_message
 
 
+@pytest.mark.parametrize("mode", ["SUBPROCESS", "WARM"])
+def test_a_failing_shell_command_is_recorded_with_its_status(client, mode):
+    """It was error_kind 'exception' with exit_code 0 (the runner's own, fine) before."""
+    common = {"job_type": "shell", "execution_mode": mode, "max_attempts": 1}
+    failed = run_to_end(client, payload={"argv": ["sh", "-c", "exit 7"]}, **common)
+    assert (failed.state, failed.error_kind, failed.exit_code) == (State.FAILED, "exit", 7)
+    assert "exited with status 7" in failed.error_message
+    killed = run_to_end(client, payload={"argv": ["sh", "-c", "kill -9 $$"]}, **common)
+    assert (killed.error_kind, killed.exit_code) == ("signal", -9)
+    checked = run_to_end(
+        client,
+        job_type="python",
+        execution_mode=mode,
+        max_attempts=1,
+        payload={"callable": "subprocess:check_call", "args": [["false"]]},
+    )
+    assert (checked.error_kind, checked.exit_code) == ("exit", 1)
+
+
 def test_deadline_kills_a_job_that_ignores_sigterm(client):
     job = client.enqueue(job_type="fail", payload={"mode": "hang"}, deadline_ms=500, max_attempts=1)
     pid = wait_until_running(client, job.id).runner_pid

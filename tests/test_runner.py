@@ -641,10 +641,8 @@ def test_shell_cwd_and_env(run, tmp_path):
 
 def test_shell_nonzero_exit_fails_the_attempt(run):
     outcome = run("shell", {"argv": ["sh", "-c", "echo about to fail; exit 3"]})
-    result = assert_failure(
-        outcome, "exception", permanent=False, in_message="exited with status 3"
-    )
-    assert "CommandFailed" in result.error_message
+    result = assert_failure(outcome, "exit", permanent=False, in_message="exited with status 3")
+    assert "CommandFailed" in result.error_message and result.exit_code == 3
     assert "about to fail" in outcome.log
 
 

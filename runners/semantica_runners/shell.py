@@ -11,7 +11,9 @@ Payload:
     timeout_s  optional positive number: kill the command after that long
 
 Result: `{"exit_code": 0}`. A non-zero exit status, a death by signal or a timeout
-fails the attempt (it is retried); a bad payload or a missing program fails the job.
+fails the attempt (it is retried): the job's `error_kind` is then `exit` or `signal`
+and its `exit_code` the command's (negative for a signal), or `exception` for a
+timeout. A bad payload or a missing program fails the job.
 """
 
 from __future__ import annotations

@@ -556,6 +556,11 @@ def new_job_id(now_ms: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _in_batch(exc: ValidationError, index: int) -> ValidationError:
+    """The error of a batch's job `index`, its field named as `jobs[index].field`."""
+    return ValidationError(f"jobs[{index}].{exc.field}", exc.reason)
+
+
 def _cannot_fail(group: EnqueueGroup) -> bool:
     """One validated job with no subject key and no dependencies: storing it reads no
     other job, so no rule of the store can refuse it."""
@@ -997,7 +1002,7 @@ class Store:
             except ValidationError as exc:
                 if not group.batch:
                     raise
-                raise ValidationError(f"jobs[{index}].{exc.field}", exc.reason) from None
+                raise _in_batch(exc, index) from None
         return payloads
 
     def _enqueue_group(
@@ -1005,7 +1010,10 @@ class Store:
     ) -> list[EnqueueResult]:
         reqs = group.requests
         if len(reqs) == 1:
-            return [self._enqueue_one(reqs[0], payloads[0], now, new_job_id(now))]
+            try:
+                return [self._enqueue_one(reqs[0], payloads[0], now, new_job_id(now))]
+            except ValidationError as exc:
+                raise _in_batch(exc, 0) if group.batch else exc from None
         # Each new queue's row once for the batch, not once per job: the rows join
         # `_known_queues` only after the commit.
         fresh = {req.queue for req in reqs} - self._known_queues
@@ -1031,7 +1039,10 @@ class Store:
         for i, (req, payload) in enumerate(zip(reqs, payloads, strict=True)):
             step = plan.get(i)
             if step is None:
-                results.append(self._enqueue_one(req, payload, now, ids[i]))
+                try:
+                    results.append(self._enqueue_one(req, payload, now, ids[i]))
+                except ValidationError as exc:  # a dependency that does not exist, ...
+                    raise _in_batch(exc, i) from None
                 continue
             prev, following, _count = step
             key = (req.queue, req.job_type, req.subject_key)

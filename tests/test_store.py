@@ -225,6 +225,16 @@ def test_enqueue_batch_names_the_bad_job(store):
     assert info.value.field == "jobs[1].priority"
 
 
+@pytest.mark.parametrize("size", [1, 3])
+def test_enqueue_batch_names_the_job_with_a_missing_dependency(store, size):
+    batch = [EnqueueRequest(job_type="noop") for _ in range(size - 1)]
+    batch.append(EnqueueRequest(job_type="noop", depends_on=["no-such-job"]))
+    with pytest.raises(ValidationError) as info:
+        store.enqueue_batch(batch, now=NOW)
+    assert info.value.field == f"jobs[{size - 1}].depends_on"
+    assert "no job 'no-such-job' exists" in str(info.value)
+
+
 BAD_REQUESTS = [
     {"subject_key": "nul\x00inside"},
     {"payload": {"x": "y" * (10_000_001 - len('{"x":""}'))}},  # 10 MB + 1 encoded

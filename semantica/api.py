@@ -595,6 +595,8 @@ class Api:
         )
 
     def begin_drain(self) -> None:
-        """Refuse new jobs and release every long-poll with the job as it is now."""
+        """Release every long-poll with the job as it is now. (The dispatcher then
+        starts no new job; an enqueue that still arrives before its connection closes
+        is stored, acknowledged once durable, and runs after the next start.)"""
         self.draining = True
         self.watch.wake_all()

@@ -737,10 +737,17 @@ class _WorkerState:
 
     LIMITS = ("RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_FSIZE")
 
-    def __init__(self, umask: int, limits: dict[int, tuple[int, int]], threads: set[int]):
+    def __init__(
+        self,
+        umask: int,
+        limits: dict[int, tuple[int, int]],
+        threads: set[int],
+        stdin: tuple[int, int] | None,
+    ):
         self.umask = umask
         self.limits = limits
         self.threads = threads
+        self.stdin = stdin  # (st_dev, st_ino) of what fd 0 reads: /dev/null
 
     @classmethod
     def capture(cls) -> _WorkerState:
@@ -752,7 +759,8 @@ class _WorkerState:
         for name in cls.LIMITS:
             if (which := getattr(resource, name, None)) is not None:
                 limits[which] = resource.getrlimit(which)
-        return cls(umask, limits, {t.ident for t in threading.enumerate() if t.ident})
+        threads = {t.ident for t in threading.enumerate() if t.ident}
+        return cls(umask, limits, threads, _file_identity(0))
 
     def reset(self) -> None:
         """Before a job: the umask, and any limit the last job changed, back as they
@@ -765,6 +773,11 @@ class _WorkerState:
             with contextlib.suppress(OSError, ValueError):
                 if resource.getrlimit(which) != wanted:
                     resource.setrlimit(which, wanted)
+        if _file_identity(0) != self.stdin:  # a job closed or moved fd 0
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            if devnull != 0:
+                os.dup2(devnull, 0)
+                os.close(devnull)
 
     def left_behind(self) -> str | None:
         """After a job: what it left that the next job would inherit, or None."""
@@ -791,7 +804,6 @@ def _enter_job(job: WarmJob, base_env: dict[str, str], baseline: _WorkerState) -
     baseline.reset()
     enter_work_dir(job.cwd)
     _flush_std_streams()
-    _restore_stdin()
     log_fd = _above_std_fds(open_job_log(job.log_path))
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
@@ -822,12 +834,12 @@ def _above_std_fds(fd: int) -> int:
     return moved
 
 
-def _restore_stdin() -> None:
-    """fd 0 reads nothing, as before the first job, even if a job closed or moved it."""
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    if devnull != 0:
-        os.dup2(devnull, 0)
-        os.close(devnull)
+def _file_identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _restore_std_streams() -> None:

@@ -24,8 +24,10 @@ LAUNCHD_LABEL = "com.semantica.daemon"
 SYSTEM_USER = "semantica"
 SYSTEM_HOME = "/var/lib/semantica"
 DEFAULT_EXECUTABLE = "/usr/local/bin/semantica"
-# ProtectHome=yes hides these from a system service: its executable cannot live there.
+# A system service does not see these (ProtectHome=yes; PrivateTmp=yes gives it its
+# own empty /tmp): its executable cannot live there.
 HIDDEN_BY_PROTECT_HOME = ("/home/", "/root/", "/run/user/")
+HIDDEN_BY_PRIVATE_TMP = ("/tmp/", "/var/tmp/")
 
 
 class ServiceError(Exception):
@@ -44,6 +46,20 @@ class ServicePlan:
 def _quote_env(name: str, value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'Environment="{name}={escaped}"'
+
+
+def _literal(value: str) -> str:
+    """A value systemd must take as it is: `%` would start a specifier (%h, %i)."""
+    return value.replace("%", "%%")
+
+
+def _exec_start(executable: str) -> str:
+    """ExecStart's command, quoted when it holds a space or a quote (systemd splits the
+    line at whitespace), with `%` and `$` escaped (specifiers, variable expansion)."""
+    escaped = _literal(executable).replace("$", "$$")
+    if not any(c.isspace() or c in "\"'\\" for c in escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # Beside SEMANTICA_*, the daemon reads these (SPEC §2; semantica/tracing.py).
@@ -66,9 +82,12 @@ def _settings(env: Mapping[str, str], drop: tuple[str, ...]) -> dict[str, str]:
 
 def render_system_unit(executable: str, env: Mapping[str, str]) -> str:
     settings = {"SEMANTICA_HOME": SYSTEM_HOME, "SEMANTICA_RPC_PORT": "0"}
-    settings |= _settings(
-        env, drop=("SEMANTICA_HOME", "SEMANTICA_SOCKET_PATH", "SEMANTICA_DB_PATH")
-    )
+    settings |= {
+        k: _literal(v)
+        for k, v in _settings(
+            env, drop=("SEMANTICA_HOME", "SEMANTICA_SOCKET_PATH", "SEMANTICA_DB_PATH")
+        ).items()
+    }
     environment = "\n".join(_quote_env(k, v) for k, v in settings.items())
     return f"""\
 # Semantica as a hardened system service (semantica-cli service install --system).
@@ -81,7 +100,7 @@ After=network.target
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={executable}
+ExecStart={_exec_start(executable)}
 {environment}
 User={SYSTEM_USER}
 Group={SYSTEM_USER}
@@ -134,7 +153,8 @@ WantedBy=multi-user.target
 
 
 def render_user_unit(executable: str, env: Mapping[str, str]) -> str:
-    settings = {"SEMANTICA_HOME": "%h/.semantica"} | _settings(env, drop=())
+    settings = {"SEMANTICA_HOME": "%h/.semantica"}  # %h: systemd's home of the user
+    settings |= {k: _literal(v) for k, v in _settings(env, drop=()).items()}
     environment = "\n".join(_quote_env(k, v) for k, v in settings.items())
     return f"""\
 # Semantica as a user service (semantica-cli service install).
@@ -144,7 +164,7 @@ Description=Semantica: a local task queue for AI coding agents
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={executable}
+ExecStart={_exec_start(executable)}
 {environment}
 WatchdogSec=30
 Restart=on-failure
@@ -264,6 +284,15 @@ def _plan_system(
             "<checkout>/runners`, then run `/opt/semantica/bin/semantica-cli service install "
             "--system`"
         )
+    in_tmp = [p for p in needed if p.startswith(HIDDEN_BY_PRIVATE_TMP)]
+    if in_tmp:
+        raise ServiceError(
+            f"{in_tmp[0]} (what {exe} runs) is under a temporary directory, which the unit "
+            "replaces with an empty one of its own (PrivateTmp=yes): install Semantica "
+            "elsewhere, e.g. `/usr/bin/python3 -m venv /opt/semantica && "
+            "/opt/semantica/bin/pip install <checkout> <checkout>/runners`, then run "
+            "`/opt/semantica/bin/semantica-cli service install --system`"
+        )
     commands = []
     if not user_exists(SYSTEM_USER):
         commands.append(
@@ -327,7 +356,13 @@ def install(plan: ServicePlan, *, dry_run: bool, run: Runner = subprocess.run) -
     tmp.write_text(plan.content)
     tmp.chmod(0o644)
     tmp.replace(plan.path)
-    _run_all(plan.commands, run)
+    try:
+        _run_all(plan.commands, run)
+    except ServiceError as exc:
+        raise ServiceError(
+            f"{exc}\n{plan.path} is written; once that is fixed, run: "
+            + "; ".join(" ".join(c) for c in plan.commands)
+        ) from None
 
 
 def plan_uninstall(
@@ -347,7 +382,7 @@ def plan_uninstall(
             path,
             "",
             [[*ctl, "disable", "--now", UNIT_NAME], [*ctl, "daemon-reload"]],
-            [f"the data in {SYSTEM_HOME if system else '~/.semantica'} is kept"],
+            [f"the data in {SYSTEM_HOME if system else _user_home_setting()} is kept"],
         )
     if platform == "darwin":
         path = home / "Library/LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
@@ -357,12 +392,25 @@ def plan_uninstall(
     raise ServiceError(f"no service manager support for {platform!r}")
 
 
+def _user_home_setting() -> str:
+    return os.environ.get("SEMANTICA_HOME") or "~/.semantica"
+
+
 def uninstall(plan: ServicePlan, *, dry_run: bool, run: Runner = subprocess.run) -> None:
+    """Stop and disable the service, then remove its file: removed even when the
+    service manager cannot be reached (no user bus), which the error then says."""
     if dry_run:
         return
     if not plan.path.exists():
         raise ServiceError(f"{plan.path} does not exist: the service is not installed there")
-    _run_all(plan.commands[:1], run)  # stop and disable while the file is still there
+    try:
+        _run_all(plan.commands[:1], run)  # stop and disable while the file is still there
+    except ServiceError as exc:
+        plan.path.unlink()
+        raise ServiceError(
+            f"{exc}\n{plan.path} is removed; if the daemon still runs, stop it with "
+            "`semantica-cli shutdown`"
+        ) from None
     plan.path.unlink()
     _run_all(plan.commands[1:], run)
 

@@ -128,6 +128,12 @@ def test_a_system_unit_refuses_an_executable_the_unit_would_hide(tmp_path):
         service.plan_install(system=True, platform="linux", executable=str(script), env={})
 
 
+@pytest.mark.parametrize("place", ["/tmp/venv/bin/semantica", "/var/tmp/q/bin/semantica"])
+def test_a_system_unit_refuses_an_executable_under_a_private_tmp(place):
+    with pytest.raises(service.ServiceError, match=r"PrivateTmp=yes.*/opt/semantica"):
+        service.plan_install(system=True, platform="linux", executable=place, env={})
+
+
 def test_install_writes_the_file_and_runs_the_commands(tmp_path):
     plan = service.plan_install(
         system=False, platform="linux", executable="/bin/true", env={}, home=tmp_path
@@ -148,11 +154,47 @@ def test_install_writes_the_file_and_runs_the_commands(tmp_path):
         return subprocess.CompletedProcess(command, 1, "", "Failed to connect to bus")
 
     gone = service.plan_uninstall(system=False, platform="linux", home=tmp_path)
-    with pytest.raises(service.ServiceError, match=r"failed \(1\): Failed to connect to bus"):
-        service.uninstall(gone, dry_run=False, run=failing)
     ran.clear()
     service.uninstall(gone, dry_run=False, run=run)
     assert not plan.path.exists() and ran == gone.commands
+
+    # No user bus (ssh without linger, a container): install says the file is written
+    # and what is left to run; uninstall still removes it (it was left behind before).
+    with pytest.raises(service.ServiceError) as info:
+        service.install(plan, dry_run=False, run=failing)
+    assert "failed (1): Failed to connect to bus" in str(info.value)
+    assert f"{plan.path} is written; once that is fixed, run: systemctl --user" in str(info.value)
+    assert plan.path.exists()
+    with pytest.raises(service.ServiceError, match=f"{plan.path} is removed"):
+        service.uninstall(gone, dry_run=False, run=failing)
+    assert not plan.path.exists()
+
+
+def test_the_data_kept_on_uninstall_is_where_semantica_home_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMANTICA_HOME", "/srv/queue")
+    gone = service.plan_uninstall(system=False, platform="linux", home=tmp_path)
+    assert gone.notes == ["the data in /srv/queue is kept"]
+
+
+def test_a_path_with_a_space_or_a_percent_sign_survives_systemd(tmp_path):
+    """ExecStart was not quoted (systemd split it at the space) and `%` in a setting
+    was taken for a specifier."""
+    place = tmp_path / "with space"
+    place.mkdir()
+    exe = place / "semantica"
+    exe.symlink_to("/bin/true")
+    unit = tmp_path / "semantica.service"
+    unit.write_text(service.render_user_unit(str(exe), {"SEMANTICA_HOME": "/srv/50%/q"}))
+    text = unit.read_text()
+    assert f'ExecStart="{exe}"' in text and 'Environment="SEMANTICA_HOME=/srv/50%%/q"' in text
+    done = subprocess.run(
+        [analyzer(), "verify", "--user", unit.name],
+        cwd=tmp_path,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
 def test_cli_service_install_dry_run_prints_the_plan_and_changes_nothing(tmp_path):
@@ -238,24 +280,29 @@ def test_cli_service_status_without_systemctl_is_one_clear_line(tmp_path):
     assert json.loads(as_json.stderr)["error"]["code"] == "error"
 
 
-def _hidden_by_the_system_unit(exe: str) -> bool:
-    """What the installer checks: would ProtectHome=yes hide this executable or its #!?"""
+def _hidden_by_the_system_unit(exe: str) -> str | None:
+    """What the installer checks: the setting of the unit that would hide this
+    executable or its #! (a checkout in a home directory, or in /tmp), if any."""
     paths = [exe, os.path.realpath(exe)]
     first = Path(exe).read_bytes().split(b"\n", 1)[0]
     if first.startswith(b"#!"):
         paths.append(os.path.realpath(first[2:].decode().split()[0]))
-    return any(p.startswith(service.HIDDEN_BY_PROTECT_HOME) for p in paths)
+    if any(p.startswith(service.HIDDEN_BY_PROTECT_HOME) for p in paths):
+        return "ProtectHome=yes"
+    if any(p.startswith(service.HIDDEN_BY_PRIVATE_TMP) for p in paths):
+        return "PrivateTmp=yes"
+    return None
 
 
 def test_cli_service_install_system_dry_run(tmp_path):
     env, calls = fake_systemctl(tmp_path, 0)
     exe = str(Path(sys.executable).with_name("semantica"))
     done = run_cli(env, "service", "install", "--system", "--dry-run", "--json")
-    if _hidden_by_the_system_unit(exe):  # e.g. a venv whose Python lives under /root
+    if hidden := _hidden_by_the_system_unit(exe):  # e.g. a Python under /root
         assert done.returncode == 1 and done.stdout == ""
         [line] = done.stderr.splitlines()
         error = json.loads(line)["error"]
-        assert error["code"] == "error" and "ProtectHome=yes" in error["message"]
+        assert error["code"] == "error" and hidden in error["message"]
         human = run_cli(env, "service", "install", "--system", "--dry-run")
         assert human.returncode == 1 and len(human.stderr.splitlines()) == 1
         assert human.stderr.startswith("error: ") and "/usr/bin/python3 -m venv" in human.stderr

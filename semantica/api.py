@@ -60,7 +60,7 @@ WRITING_METHODS = frozenset(
     }
 )
 LOG_FOLLOW_CHECK_S = 0.2
-LOG_TAIL_MAX_LINES = 100_000
+LOG_TAIL_MAX_LINES = joblog.TAIL_MAX_LINES
 
 
 def wall_clock_ms() -> int:

@@ -31,9 +31,11 @@ from semantica import config as config_mod
 from semantica import joblog
 from semantica import protocol as p
 from semantica.client import START_HINT, Client
-from semantica.domain import Job, State
-from semantica.errors import ConnectionLost, DaemonNotRunning, SemanticaError
+from semantica.domain import Job, State, ValidationError, waiting_reason
+from semantica.errors import ConnectionLost, DaemonNotRunning, SemanticaError, ValidationFailed
+from semantica.errors import NotFound as NotFoundError
 from semantica.store import JobFilter, Store, StoreError
+from semantica.store import NotFound as StoreNotFound
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 FOLLOW_WAIT_MS = 5_000
@@ -60,16 +62,28 @@ class UsageProblem(Exception):
     """A flag's value is wrong: exit 2, like typer's own usage errors."""
 
 
+PATH_SETTINGS = (
+    "SEMANTICA_HOME",
+    "SEMANTICA_SOCKET_PATH",
+    "SEMANTICA_DB_PATH",
+)  # what the CLI reads
+
+
 class Session:
     """Where the daemon is (from --home/--socket or SEMANTICA_* variables)."""
 
     def __init__(self, home: str | None, socket: str | None) -> None:
+        overrides = {"SEMANTICA_HOME": home, "SEMANTICA_SOCKET_PATH": socket}
         try:
-            self.config = config_mod.load(
-                overrides={"SEMANTICA_HOME": home, "SEMANTICA_SOCKET_PATH": socket}
-            )
-        except config_mod.ConfigError as exc:
-            raise UsageProblem(str(exc)) from None
+            self.config = config_mod.load(overrides=overrides)
+        except config_mod.ConfigError:
+            # A bad setting only the daemon reads (SEMANTICA_WORKERS=-3 in this shell)
+            # must not cost the CLI its reads: it needs only where the daemon is.
+            try:
+                where = {k: v for k, v in os.environ.items() if k in PATH_SETTINGS}
+                self.config = config_mod.load(env=where, overrides=overrides)
+            except config_mod.ConfigError as exc:
+                raise UsageProblem(str(exc)) from None
         if self.config.home.exists() and not self.config.home.is_dir():
             raise UsageProblem(
                 f"{self.config.home} is not a directory: point --home (or SEMANTICA_HOME) "
@@ -104,19 +118,46 @@ class Offline:
         )
 
     def get(self, job_id: str) -> Job:
-        return self.store.get(job_id)
+        with _as_daemon_errors():
+            job = self.store.get(job_id)
+            if job.state is not State.QUEUED:
+                return job
+            now = time.time_ns() // 1_000_000
+            # The reasons read from the database; nothing starts while no daemon runs.
+            reason = waiting_reason(
+                job, self.store.wait_facts(job, now=now, global_limit=1 << 30), now
+            )
+            if reason is None or reason.startswith("ready"):
+                reason = "it starts once the daemon runs"
+            return msgspec.structs.replace(job, waiting_reason=f"{reason} (daemon not running)")
 
     def list(self, **filters: Any) -> p.JobPage:
         limit, cursor = filters.pop("limit"), filters.pop("cursor")
-        jobs, next_cursor = self.store.list(
-            msgspec.convert(filters, JobFilter), limit=limit, cursor=cursor
-        )
+        with _as_daemon_errors():
+            jobs, next_cursor = self.store.list(
+                msgspec.convert(filters, JobFilter), limit=limit, cursor=cursor
+            )
         return p.JobPage(jobs=jobs, next_cursor=next_cursor)
 
     def logs(self, job_id: str, *, n: int) -> p.LogChunk:
-        self.store.get(job_id)  # NotFound if there is no such job
+        with _as_daemon_errors():
+            if not 0 <= n <= joblog.TAIL_MAX_LINES:  # as logs.tail.v1 checks it
+                raise ValidationError("n", f"must be between 0 and {joblog.TAIL_MAX_LINES}")
+            self.store.get(job_id)  # NotFound if there is no such job
         lines, size = joblog.last_lines(self.config.logs_dir / f"{job_id}.log", n)
         return p.LogChunk(lines=lines, offset=size, eof=True)
+
+
+@contextlib.contextmanager
+def _as_daemon_errors() -> Iterator[None]:
+    """The store's errors as the daemon would answer them (4001, 4004): the same
+    message, code and `--json` document whether or not the daemon runs."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise ValidationFailed(str(exc), data={"field": exc.field}) from None
+    except StoreNotFound as exc:
+        raise NotFoundError(str(exc), data={exc.what: exc.ident}) from None
 
 
 _session: Session | None = None
@@ -216,12 +257,18 @@ def parse_payload(raw: str | None) -> dict[str, Any]:
             raise UsageProblem(f"--payload @{path}: cannot read it ({exc.strerror})") from None
         source = f"--payload @{path}"
     try:
-        payload = json.loads(raw)
+        payload = json.loads(raw, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         raise UsageProblem(f"{source} is not JSON ({exc.msg} at char {exc.pos})") from None
+    except ValueError as exc:  # NaN, Infinity: Python reads them, JSON has none
+        raise UsageProblem(f"{source} is not JSON ({exc})") from None
     if not isinstance(payload, dict):
         raise UsageProblem(f'{source} must be a JSON object, like {{"path": "src/main.py"}}')
     return payload
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value; use a number, a string or null")
 
 
 _RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)(ms|s|m|h|d)$")

@@ -82,7 +82,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     )
     parser.add_argument("--version", action="version", version=f"semantica {__version__}")
     for flag, variable in FLAGS.items():
-        parser.add_argument(flag, dest=variable, metavar="VALUE", help=f"overrides ${variable}")
+        help_text = f"overrides ${variable}"
+        if variable == "SEMANTICA_RPC_HOST":  # config.load refuses it from the environment
+            help_text = (
+                "the address TCP listens on (default 127.0.0.1; a flag only, never read "
+                "from the environment)"
+            )
+        parser.add_argument(flag, dest=variable, metavar="VALUE", help=help_text)
     args = parser.parse_args(argv)
     for variable in OTEL_FLAGS:  # tracing reads them from the environment
         if (value := getattr(args, variable)) is not None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 CHUNK_MAX_BYTES = 1024 * 1024
+TAIL_MAX_LINES = 100_000  # the most lines one logs.tail.v1 asks for
 
 
 def file_size(path: Path) -> int:

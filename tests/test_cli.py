@@ -214,6 +214,7 @@ def test_queues_pause_resume_and_runners(home):
     [
         (("enqueue", "noop", "--payload", "{oops"), 2, "--payload is not JSON"),
         (("enqueue", "noop", "--payload", "[1]"), 2, "must be a JSON object"),
+        (("enqueue", "noop", "--payload", '{"a": NaN}'), 2, "NaN is not a JSON value"),
         (("enqueue", "noop", "--payload", "@/nonexistent.json"), 2, "cannot read it"),
         (("enqueue", "noop", "--env", "NOEQUALS"), 2, "NAME=VALUE"),
         (("enqueue", "noop", "--schedule-at", "tomorrowish"), 2, "ISO 8601"),
@@ -295,6 +296,42 @@ def test_with_the_daemon_down_reads_still_work_and_writes_exit_3():
     finally:
         daemon.stop()
         remove_home(home)
+
+
+def test_with_the_daemon_down_errors_and_waiting_reasons_are_the_daemons():
+    """Offline, a bad --limit was 'semantica-cli failed unexpectedly ... please report
+    it', -n -2 was taken, and a job scheduled an hour ahead read 'ready' (fixed)."""
+    daemon = start_daemon()
+    home = daemon.home
+    try:
+        later = ok(home, "enqueue", "noop", "-q", "--schedule-at", "+1h").strip()
+        ok(home, "shutdown")
+        assert daemon.proc.wait(timeout=20) == 0
+        shown = doc(home, "show", later)
+        assert shown["waiting_reason"].startswith("scheduled: schedule_at is in 3")
+        assert shown["waiting_reason"].endswith("(daemon not running)")
+        for args, says in (
+            (("list", "-n", "0"), "limit: must be between 1 and 1000"),
+            (("list", "--cursor", "garbage"), "cursor: is not a cursor"),
+            (("logs", later, "-n", "-2"), "n: must be between 0 and 100000"),
+        ):
+            done = cli(home, *args)
+            assert done.returncode == 1 and says in done.stderr, (args, done.stderr)
+            assert "unexpectedly" not in done.stderr and "Traceback" not in done.stderr
+        missing = cli(home, "show", "no-such-id", "--json")
+        assert missing.returncode == 1
+        assert json.loads(missing.stderr.splitlines()[-1])["error"]["code"] == 4004
+    finally:
+        daemon.stop()
+        remove_home(home)
+
+
+def test_a_bad_setting_only_the_daemon_reads_does_not_stop_the_cli(home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEMANTICA_")}
+    env.update(SEMANTICA_HOME=str(home), SEMANTICA_WORKERS="-3", SEMANTICA_RPC_PORT="abc")
+    done = subprocess.run([CLI, "status", "--json"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["daemon_running"] is True
 
 
 def test_shutdown_with_json_and_the_daemon_exits_0():

@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from semantica.plugins import RETRY_AFTER_MAX_MS
+
 # --------------------------------------------------------------------------- states
 
 
@@ -406,8 +408,8 @@ def state_after_attempt(
         return State.SUPERSEDED, job.run_after
     if outcome.permanent or job.attempt >= job.max_attempts:
         return State.FAILED, job.run_after
-    if outcome.retry_after_ms is not None:
-        delay = max(0, outcome.retry_after_ms)
+    if outcome.retry_after_ms is not None:  # the runner's own number: held to a year
+        delay = min(max(0, outcome.retry_after_ms), RETRY_AFTER_MAX_MS)
     else:
         delay = retry_delay_ms(
             job.attempt, base_ms=job.backoff_base_ms, factor=job.backoff_factor, rng=rng

@@ -118,6 +118,10 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     worker_children: bool | None = None
 
 
+# The longest delay a RetryableError's retry_after_ms gets (a year): the runner and the
+# daemon both hold it to this.
+RETRY_AFTER_MAX_MS = 365 * 24 * 3600 * 1000
+
 RunnerMessage = Progress | Result  # NDJSON lines on RESULT_FD, tagged by "type"
 
 

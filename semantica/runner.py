@@ -62,6 +62,7 @@ from semantica.plugins import (
     MAX_RESULT_SUMMARY_BYTES,
     RESULT_FD,
     RESULT_FD_ENV,
+    RETRY_AFTER_MAX_MS,
     JobContext,
     Output,
     PermanentError,
@@ -380,11 +381,13 @@ def _flagged_permanent(exc: BaseException) -> bool:
 
 
 def _retry_after(value: Any) -> int | None:
+    """A RetryableError's retry_after_ms as the daemon takes it: a number of ms, held
+    to RETRY_AFTER_MAX_MS (10**19 would not fit the database), or None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if not math.isfinite(value) or value < 0:
         return None
-    return round(value)
+    return min(round(value), RETRY_AFTER_MAX_MS)
 
 
 _trace_suffix = ""

@@ -386,6 +386,24 @@ class Dispatcher:
                 "job_end_dropped", job_id=e.job.id, reason="the job was deleted while it ran"
             )
             return None
+        except StorageUnavailable:
+            raise  # the disk: every end waits for it, and the look is retried
+        except Exception as exc:
+            # Something in this one outcome the store cannot take (a bug, a value out
+            # of range): recorded as an internal failure instead, so that it does not
+            # hold back every other end and claim after it, look after look.
+            log.error(
+                "job_end_not_recordable",
+                job_id=e.job.id,
+                error=repr(exc),
+                advice="recorded as an internal failure; please report it",
+                exc_info=True,
+            )
+            fallback = Outcome(
+                error_kind="internal",
+                error_message=f"the daemon could not record how this attempt ended ({exc!r})",
+            )
+            return self.store.record_end(e.job.id, fallback, now=now, rng=self.rng, claimed=e.job)
 
     def _after_recorded(
         self, finishing: list[_Ended], ended: list[tuple[Job, bool] | None]

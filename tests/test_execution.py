@@ -28,6 +28,11 @@ HELPERS_SOURCE = textwrap.dedent(
     import os
     import time
 
+    import semantica
+
+    def retry_later(ms):
+        raise semantica.RetryableError("not yet", retry_after_ms=ms)
+
 
     def wait_for(ctx, path, progress=None):
         \"\"\"Report `progress` ([fraction, message]) if given, then wait (at most 10 s)
@@ -164,6 +169,21 @@ def test_a_failing_shell_command_is_recorded_with_its_status(client, mode):
         payload={"callable": "subprocess:check_call", "args": [["false"]]},
     )
     assert (checked.error_kind, checked.exit_code) == ("exit", 1)
+
+
+@pytest.mark.parametrize("ms", [10**19, 1e300])
+def test_a_huge_retry_after_is_held_to_a_year_and_stops_nothing(client, helpers, ms):
+    job = client.enqueue(
+        job_type="python",
+        max_attempts=2,
+        payload={"callable": "exec_helpers:retry_later", "args": [ms], "sys_path": [helpers]},
+    )
+    later = wait_for_state(client, job.id, lambda j: j.state is State.QUEUED and j.attempt == 1)
+    year = 365 * 24 * 3600 * 1000
+    assert later.finished_at is None and year - 60_000 < later.run_after - time.time() * 1000
+    assert later.run_after - time.time() * 1000 <= year
+    assert run_to_end(client, job_type="noop").state is State.DONE  # the dispatcher goes on
+    client.cancel(job.id)
 
 
 def test_deadline_kills_a_job_that_ignores_sigterm(client):

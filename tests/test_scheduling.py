@@ -834,6 +834,34 @@ async def test_a_retry_due_at_once_is_told_after_the_end_of_the_attempt_before_i
     assert told == [("RUNNING", 1), ("QUEUED", 1), ("RUNNING", 2), ("DONE", 2)]
 
 
+async def test_an_end_the_store_cannot_take_is_recorded_as_internal_and_stalls_nothing(
+    tmp_path,
+):
+    """One outcome the database refused (an integer past 64 bits, as a plugin's
+    retry_after_ms of 10**19 made) failed every look after it: nothing started until
+    a restart (an audit found it)."""
+    store = Store.open(tmp_path / "meta.db")
+
+    class OverflowingLauncher(LauncherDouble):
+        async def run(self, job, **_):
+            if job.user_tag == "bad":
+                return Outcome(error_kind="exit", error_message="x", exit_code=2**70)
+            return Outcome(result_summary={"ok": True})
+
+    dispatcher = one_worker_dispatcher(store, OverflowingLauncher())
+    bad = store.enqueue(
+        EnqueueRequest(job_type="noop", user_tag="bad", max_attempts=1), now=now_ms()
+    ).job.id
+    after = store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms() + 1).job.id
+    try:
+        await run_until(dispatcher, lambda: store.get(after).state is State.DONE)
+        failed = store.get(bad)
+        assert (failed.state, failed.error_kind) == (State.FAILED, "internal")
+        assert "could not record how this attempt ended" in failed.error_message
+    finally:
+        store.close()
+
+
 async def test_the_end_of_a_job_deleted_while_it_ran_does_not_stall_the_dispatcher(tmp_path):
     store = Store.open(tmp_path / "meta.db")
 

@@ -502,7 +502,11 @@ class Api:
         if job.wait_for_idle or job.require_charging:
             offered = self.conditions()
             facts = msgspec.structs.replace(
-                facts, cpu_idle=offered.cpu_idle, on_ac_power=offered.on_ac_power
+                facts,
+                # One idle-gated job is admitted per reading: the next waits for one
+                # made with that job running (Dispatcher._claim).
+                cpu_idle=offered.cpu_idle and self.dispatcher.admits_idle_gated(now),
+                on_ac_power=offered.on_ac_power,
             )
         return msgspec.structs.replace(job, waiting_reason=waiting_reason(job, facts, now))
 

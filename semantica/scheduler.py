@@ -149,6 +149,11 @@ class Dispatcher:
     def running(self) -> int:
         return len(self._running)
 
+    def admits_idle_gated(self, now: int) -> bool:
+        """Whether a claim now may admit an idle-gated job: one per reading of the
+        sensors, the next only once a reading has been made with that one running."""
+        return now >= self._idle_admitted_at + SAMPLE_EVERY_MS
+
     def has_process(self, job_id: str) -> bool:
         """Whether a process of this job may still run (and write to its log)."""
         return job_id in self._running
@@ -259,7 +264,7 @@ class Dispatcher:
             wants_idle, wants_power = self.store.gated_waiting()
             if wants_idle or wants_power:
                 offered = self.conditions()
-            if offered.cpu_idle and now < self._idle_admitted_at + SAMPLE_EVERY_MS:
+            if offered.cpu_idle and not self.admits_idle_gated(now):
                 offered = msgspec.structs.replace(offered, cpu_idle=False)
         finishing = list(self._finishing)
         claimed: list[tuple[Job, WarmWorker | None]] = []

@@ -186,6 +186,28 @@ def write_conditions(path: Path, **conditions: bool) -> None:
     tmp.replace(path)
 
 
+def test_an_idle_gated_job_held_for_the_next_reading_says_so(daemon):
+    """One idle-gated job is admitted per reading; the next one said 'ready: starting
+    now' for the second it waited (an audit found it)."""
+    conditions = daemon.home.parent / "conditions-held.json"
+    write_conditions(conditions, cpu_idle=True, on_ac_power=True)
+    gated = start_daemon(SEMANTICA_WORKERS="2", SEMANTICA_CONDITIONS_FILE=str(conditions))
+    try:
+        with gated.client() as c:
+            first = c.enqueue(job_type="sleep", payload={"seconds": 3}, wait_for_idle=True)
+            while c.get(first.id).state is not State.RUNNING:
+                time.sleep(0.01)
+            second = c.enqueue(job_type="noop", wait_for_idle=True)
+            held = c.get(second.id)
+            if held.state is State.QUEUED:  # else the next reading came already
+                assert held.waiting_reason == "waiting for the CPU to be idle (wait_for_idle)"
+            assert c.wait(second.id, timeout_ms=5_000).state is State.DONE
+            c.cancel(first.id)
+    finally:
+        gated.stop()
+        remove_home(gated.home)
+
+
 def test_cpu_idle_and_ac_power_gates_open_when_the_conditions_change(daemon):
     # A daemon of its own: its conditions file is the one this test rewrites.
     conditions = daemon.home.parent / "conditions.json"

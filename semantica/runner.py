@@ -161,6 +161,14 @@ def run_job(
     _install_sigterm_handler(flag)
     result = _run(spec, channel, flag)
     _flush_std_streams()
+    if flag.requested and result.error_kind is None:
+        # Asked to stop, the job wound down and returned: its work is not done. (When
+        # the daemon sent the signal, a cancel or a deadline, it decides the outcome
+        # itself; from anyone else, the attempt is retried.)
+        result = _report(
+            Result(error_kind="signal", exit_code=-signal.SIGTERM),
+            "the job got SIGTERM and stopped before it finished",
+        )
     left = None if baseline is None or flag.requested else baseline.left_behind()
     if left is not None:
         _note(f"this worker retires after the job: {left}, which would reach the next job")

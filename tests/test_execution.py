@@ -18,6 +18,7 @@ from harness import live_group_members, remove_home, start_daemon
 import semantica
 from semantica.domain import EnqueueRequest, State
 from semantica.launcher import process_start_time, start_ms
+from semantica.runner import PARENT_GONE_GRACE_S
 from semantica.store import Conditions, Store
 
 FAST_RETRY = {"backoff_base_ms": 20, "backoff_factor": 1.0}
@@ -466,9 +467,13 @@ def test_sigkill_of_the_daemon_leaves_no_runner_and_loses_no_job():
             pids = [wait_until_running(c, j.id).runner_pid for j in retried + single]
         d.kill()  # SIGKILL: no drain, no cleanup
         d.start()  # recovery runs before serving
-        for pid in [*pids, zygote.result_summary]:
+        for pid in pids:
             assert not live(pid), f"runner {pid} survived"
             assert live_group_members(pid) == [], f"the group of runner {pid} survived"
+        # The old zygote (no job records it) stops its runners, giving them their grace,
+        # then exits: it may still be at it when the new daemon serves.
+        wait_gone([zygote.result_summary], timeout=PARENT_GONE_GRACE_S + 5)
+        assert live_group_members(zygote.result_summary) == []
         with d.client() as c:
             for job in [zygote, *finished]:
                 got = c.get(job.id)

@@ -89,14 +89,26 @@ class _OutOfStep(Exception):
     """The reply read is not the one to the call just made: the connection is dropped."""
 
 
+class _Closing(Exception):
+    """The daemon's last word before it closes the connection: drop it, then raise
+    `error` (so the next call connects afresh instead of failing on a dead socket)."""
+
+    def __init__(self, error: SemanticaError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _result(line: bytes, result_type: type[T], call_id: int) -> T:
     try:
         response = _decode_response(line)
     except msgspec.DecodeError as exc:
         raise SemanticaError(f"the daemon sent a reply this SDK cannot read: {exc}") from None
-    # An error the daemon could not tie to a call (a message cut off as too large)
-    # carries a null id; any other reply must be to this call.
-    if response.id != call_id and not (response.id is None and response.error):
+    # An error the daemon could not tie to a call (a message cut off as too large, a
+    # connection closed to make room) carries a null id, and the daemon closes the
+    # connection after it; any other reply must be to this call.
+    if response.id is None and response.error:
+        raise _Closing(error_from(response.error))
+    if response.id != call_id:
         raise _OutOfStep(f"a reply to call {response.id!r} came for call {call_id}")
     if response.error is not msgspec.UNSET:
         raise error_from(response.error)
@@ -401,6 +413,9 @@ class Client(_Methods):
         except _OutOfStep as exc:
             self._drop()
             raise _lost(method, exc) from None
+        except _Closing as closing:
+            self._drop()
+            raise closing.error from None
         except SemanticaError:
             raise
         except BaseException:
@@ -488,6 +503,9 @@ class AsyncClient(_Methods):
         except (*gone, _OutOfStep) as exc:
             await self._drop()
             raise _lost(method, exc) from None
+        except _Closing as closing:
+            await self._drop()
+            raise closing.error from None
         except SemanticaError:
             raise
         except BaseException:

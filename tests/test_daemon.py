@@ -257,12 +257,19 @@ def test_sdk_tells_a_message_too_large_not_a_lost_connection():
     d = start_daemon(SEMANTICA_MAX_MESSAGE_BYTES="100000")
     try:
         big = {"blob": "x" * 4_000_000}
-        for _ in range(5):
-            with d.client() as c, pytest.raises(TooLarge, match="limit is 100000"):
-                c.enqueue(job_type="noop", payload=big)
+        with d.client() as c:
+            for _ in range(5):
+                with pytest.raises(TooLarge, match="limit is 100000"):
+                    c.enqueue(job_type="noop", payload=big)
+                # The daemon closed the connection after its 4013: the same client
+                # connects afresh (it kept the dead socket, and this call was lost).
+                assert c.stats().running == 0
 
         async def use():
             async with semantica.AsyncClient(d.socket_path) as c:
+                with pytest.raises(TooLarge):
+                    await c.enqueue(job_type="noop", payload=big)
+                assert (await c.stats()).running == 0
                 await c.enqueue(job_type="noop", payload=big)
 
         for backend in ("asyncio", "trio"):

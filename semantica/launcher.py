@@ -666,6 +666,13 @@ class WarmPool:
             if result is not None and not deadline_hit:
                 worker.jobs_done += 1
                 reusable = not result.worker_exits and self._still_fit(worker, result)
+                if result.worker_exit_reason is not None:
+                    log.event(
+                        "warm_worker_recycled",
+                        pid=worker.pid,
+                        job_id=job.id,
+                        reason=result.worker_exit_reason,
+                    )
         finally:
             if reusable:
                 self.idle.append(worker)

@@ -110,6 +110,7 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     # A WARM worker that got SIGTERM during the job exits after sending this: the
     # daemon must not hand it another job (the signal may not have come from it).
     worker_exits: bool = False
+    worker_exit_reason: str | None = None  # what the job left behind, if that is why
     # A WARM worker's own report after the job (Linux), so that the daemon need not
     # look: its resident memory, and whether the job left a process behind. The job
     # runs in that process and could misreport; it could as well tamper with the

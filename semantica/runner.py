@@ -164,7 +164,8 @@ def run_job(
     if flag.requested and result.error_kind is None:
         # Asked to stop, the job wound down and returned: its work is not done. (When
         # the daemon sent the signal, a cancel or a deadline, it decides the outcome
-        # itself; from anyone else, the attempt is retried.)
+        # itself; from anyone else, the attempt is retried. A signal that lands just
+        # after a job that did finish makes it run again: at least once, as ever.)
         result = _report(
             Result(error_kind="signal", exit_code=-signal.SIGTERM),
             "the job got SIGTERM and stopped before it finished",
@@ -173,7 +174,7 @@ def run_job(
     if left is not None:
         _note(f"this worker retires after the job: {left}, which would reach the next job")
     if flag.requested or left is not None:
-        result = msgspec.structs.replace(result, worker_exits=True)
+        result = msgspec.structs.replace(result, worker_exits=True, worker_exit_reason=left)
     elif warm:
         rss, children = _own_fitness()
         result = msgspec.structs.replace(result, worker_rss_bytes=rss, worker_children=children)
@@ -248,6 +249,7 @@ def _since(started: float) -> float:
 
 
 _loaded_plugins: dict[str, Any] = {}  # a WARM worker loads each plugin once
+_plugin_threads: set[int | None] = set()  # started while a plugin was imported
 
 
 def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
@@ -268,6 +270,7 @@ def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
             f"{', '.join(installed) if installed else '(none)'}"
         )
         return None, _report(Result(error_kind="unknown_job_type", permanent=True), message)
+    before = {t.ident for t in threading.enumerate()}
     try:
         plugin = ep.load()
     except Exception as exc:
@@ -278,6 +281,9 @@ def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
         message = f"runner plugin {ep.name!r} ({ep.value}) is not callable: {plugin!r}"
         return None, _report(Result(error_kind="plugin_load", permanent=True), message)
     _loaded_plugins[wanted] = plugin
+    # Threads its import started (a metrics pusher, an SDK's exporter) are the
+    # plugin's own, meant to live as long as the process: not a job's leftovers.
+    _plugin_threads.update(t.ident for t in threading.enumerate() if t.ident not in before)
     return plugin, None
 
 
@@ -336,18 +342,22 @@ def _failure(exc: BaseException, context: str | None = None, *, kind: str | None
 
 
 def _exit_code_of(exc: BaseException) -> int | None:
-    """The exit status an exception reports for a command the plugin ran: its integer
-    `exit_code` attribute (the shell runner's CommandFailed), or a
-    subprocess.CalledProcessError's returncode; negative for a signal."""
+    """The exit status an exception reports for a command the plugin ran: its own
+    `exit_code` attribute (the shell runner's CommandFailed; not a class's, as click's
+    exceptions have), or a subprocess.CalledProcessError's returncode; -255..255,
+    negative for a signal."""
     import subprocess
 
     try:
-        code = exc.returncode if isinstance(exc, subprocess.CalledProcessError) else None
-        if code is None:
-            code = getattr(exc, "exit_code", None)
+        if isinstance(exc, subprocess.CalledProcessError):
+            code = exc.returncode
+        else:
+            code = vars(exc).get("exit_code")
     except Exception:
         return None
-    return code if isinstance(code, int) and not isinstance(code, bool) and code != 0 else None
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < abs(code) <= 255:
+        return code
+    return None
 
 
 def _report(result: Result, message: str, exc: BaseException | None = None) -> Result:
@@ -795,7 +805,9 @@ class _WorkerState:
         import resource
 
         stray = [
-            t.name for t in threading.enumerate() if t.is_alive() and t.ident not in self.threads
+            t.name
+            for t in threading.enumerate()
+            if t.is_alive() and t.ident not in self.threads and t.ident not in _plugin_threads
         ]
         if stray:
             return f"it left threads running ({', '.join(stray)})"
@@ -866,6 +878,9 @@ def _restore_std_streams() -> None:
                 stream.reconfigure(line_buffering=True)
             setattr(sys, f"__{name}__", stream)
         setattr(sys, name, stream)
+    for handler in logging.getLogger().handlers:  # the job logger writes to stderr
+        if isinstance(handler, _LineStartHandler) and handler.stream is not sys.stderr:
+            handler.stream = sys.stderr  # not setStream(): it flushes the closed one
 
 
 def set_environment(wanted: dict[str, str]) -> None:

@@ -408,7 +408,25 @@ class Dispatcher:
                 error_kind="internal",
                 error_message=f"the daemon could not record how this attempt ended ({exc!r})",
             )
-            return self.store.record_end(e.job.id, fallback, now=now, rng=self.rng, claimed=e.job)
+            try:
+                return self.store.record_end(
+                    e.job.id, fallback, now=now, rng=self.rng, claimed=e.job
+                )
+            except StorageUnavailable:
+                raise
+            except Exception as again:  # not the outcome, then: the row itself
+                message = f"the daemon could not record how this attempt ended ({again!r})"
+                log.error(
+                    "job_end_not_recordable",
+                    job_id=e.job.id,
+                    error=repr(again),
+                    advice="marked FAILED without the usual rules (its dependents are not "
+                    "cancelled); please report it",
+                )
+                if self.store.fail_running(e.job.id, message, now=now):
+                    with contextlib.suppress(Exception):  # told, if it can be read
+                        return self.store.get(e.job.id), True
+                return None
 
     def _after_recorded(
         self, finishing: list[_Ended], ended: list[tuple[Job, bool] | None]

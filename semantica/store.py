@@ -1322,6 +1322,20 @@ class Store:
             self._db.execute(SQL_RECORD_RUNNER, (pid, start_time, job_id))
             return self._db.changes() == 1
 
+    def fail_running(self, job_id: str, message: str, *, now: int) -> bool:
+        """The last resort when an attempt's end cannot be recorded (record_end fails
+        on the row itself): the RUNNING job is marked FAILED with error_kind
+        'internal' by one plain UPDATE, none of record_end's rules (retry, supersede,
+        dependents). False if it was not RUNNING."""
+        with self._writing():
+            self._db.execute(
+                "UPDATE jobs SET state = 'FAILED', finished_at = ?, error_kind = 'internal',"
+                " error_message = ?, runner_pid = NULL, runner_start_time = NULL"
+                " WHERE id = ? AND state = 'RUNNING'",
+                (now, message, job_id),
+            )
+            return self._db.changes() == 1
+
     def set_progress(self, job_id: str, fraction: float, message: str | None) -> None:
         """Store a running job's progress (0.0-1.0) and message; ignored once it ended."""
         if not 0.0 <= fraction <= 1.0:

@@ -744,3 +744,21 @@ def test_python_exceptions_are_the_callable_s_own(run):
         permanent=False,
         in_message="JSONDecodeError",
     )
+
+
+def test_only_an_exceptions_own_exit_code_within_a_status_byte_counts():
+    from semantica import runner
+
+    class Own(Exception):
+        def __init__(self, code):
+            super().__init__("x")
+            self.exit_code = code
+
+    class ClassLevel(Exception):  # as click's exceptions carry one
+        exit_code = 2
+
+    assert runner._exit_code_of(Own(7)) == 7
+    assert runner._exit_code_of(Own(-9)) == -9
+    assert runner._exit_code_of(subprocess.CalledProcessError(3, ["x"])) == 3
+    for not_one in (Own(0), Own(2**70), Own(True), Own("7"), ClassLevel()):
+        assert runner._exit_code_of(not_one) is None, not_one

@@ -884,6 +884,30 @@ async def test_an_end_the_store_cannot_take_is_recorded_as_internal_and_stalls_n
         store.close()
 
 
+async def test_an_end_that_cannot_be_recorded_at_all_stalls_nothing_either(tmp_path):
+    """When even the fallback fails (the row itself, not the outcome), the job is
+    marked FAILED by one plain UPDATE: left RUNNING, it held a worker slot for good."""
+    store = Store.open(tmp_path / "meta.db")
+    bad = store.enqueue(EnqueueRequest(job_type="noop", user_tag="bad"), now=now_ms()).job.id
+    after = store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms() + 1).job.id
+    record_end = store.record_end
+
+    def refusing(job_id, *args, **kwargs):
+        if job_id == bad:
+            raise ValueError("a row this store cannot read")
+        return record_end(job_id, *args, **kwargs)
+
+    store.record_end = refusing
+    dispatcher = one_worker_dispatcher(store, InstantLauncher())
+    try:
+        await run_until(dispatcher, lambda: store.get(after).state is State.DONE)
+        failed = store.get(bad)
+        assert (failed.state, failed.error_kind) == (State.FAILED, "internal")
+        assert "a row this store cannot read" in failed.error_message
+    finally:
+        store.close()
+
+
 async def test_the_end_of_a_job_deleted_while_it_ran_does_not_stall_the_dispatcher(tmp_path):
     store = Store.open(tmp_path / "meta.db")
 

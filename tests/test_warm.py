@@ -45,6 +45,13 @@ HELPERS_SOURCE = textwrap.dedent(
     def close_sys_stdout():
         sys.stdout.close()
 
+    def close_sys_stderr():
+        sys.stderr.close()
+
+    def log_it(ctx, text):
+        ctx.logger.info(text)
+        return text
+
     def say(text):
         print(text, flush=True)
         return text
@@ -126,6 +133,15 @@ def test_a_job_that_closes_its_stdout_leaves_the_next_ones_their_output(client, 
     said = run(client, payload=helper(helpers, "say", "after sys.stdout closed"), max_attempts=1)
     assert said.state is State.DONE, log_of(daemon, said)
     assert "after sys.stdout closed" in log_of(daemon, said)
+    fresh_worker(client)
+    run(client, payload=helper(helpers, "close_sys_stderr"), max_attempts=1)
+    logged = run(
+        client,
+        payload={**helper(helpers, "log_it", "after sys.stderr closed"), "pass_context": True},
+        max_attempts=1,
+    )
+    text = log_of(daemon, logged)
+    assert "INFO semantica.job: after sys.stderr closed" in text and "Logging error" not in text
 
 
 def test_each_job_starts_with_umask_077_and_the_workers_limits(client):
@@ -149,6 +165,29 @@ def test_a_job_that_leaves_a_thread_running_retires_its_worker(client, daemon, h
     after = run(client, job_type="shell", payload={"argv": ["sleep", "0.3"]})
     assert "tick" not in log_of(daemon, after)
     assert pid_of_worker(client) != pid
+    told = [line for line in daemon.log().splitlines() if left.id in line]
+    assert any("warm_worker_recycled" in line and "left threads running" in line for line in told)
+
+
+def test_threads_a_plugin_starts_as_it_is_imported_are_not_a_jobs_leftovers():
+    """A plugin's own threads (an exporter started on import) must not retire the
+    worker after every job; a thread a job starts does."""
+    import threading
+
+    from semantica import runner
+
+    baseline = runner._WorkerState.capture()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="exporter", daemon=True)
+    thread.start()
+    try:
+        assert baseline.left_behind() == "it left threads running (exporter)"
+        runner._plugin_threads.add(thread.ident)
+        assert baseline.left_behind() is None
+    finally:
+        runner._plugin_threads.discard(thread.ident)
+        stop.set()
+        thread.join()
 
 
 def test_a_worker_that_dies_is_replaced(client):

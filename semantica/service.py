@@ -275,24 +275,22 @@ def _plan_system(
     needed = [exe, os.path.realpath(exe)]
     if (interpreter := _interpreter_of(exe)) is not None:
         needed.append(os.path.realpath(interpreter))
-    hidden = [p for p in needed if p.startswith(HIDDEN_BY_PROTECT_HOME)]
-    if hidden:
-        raise ServiceError(
-            f"{hidden[0]} (what {exe} runs) is under a home directory, which the unit hides "
-            "(ProtectHome=yes): install Semantica outside it with a Python outside it, e.g. "
-            "`/usr/bin/python3 -m venv /opt/semantica && /opt/semantica/bin/pip install <checkout> "
-            "<checkout>/runners`, then run `/opt/semantica/bin/semantica-cli service install "
-            "--system`"
-        )
-    in_tmp = [p for p in needed if p.startswith(HIDDEN_BY_PRIVATE_TMP)]
-    if in_tmp:
-        raise ServiceError(
-            f"{in_tmp[0]} (what {exe} runs) is under a temporary directory, which the unit "
-            "replaces with an empty one of its own (PrivateTmp=yes): install Semantica "
-            "elsewhere, e.g. `/usr/bin/python3 -m venv /opt/semantica && "
-            "/opt/semantica/bin/pip install <checkout> <checkout>/runners`, then run "
-            "`/opt/semantica/bin/semantica-cli service install --system`"
-        )
+    for hiding, where, setting in (
+        (HIDDEN_BY_PROTECT_HOME, "a home directory, which the unit hides", "ProtectHome=yes"),
+        (
+            HIDDEN_BY_PRIVATE_TMP,
+            "a temporary directory, which the unit replaces with an empty one of its own",
+            "PrivateTmp=yes",
+        ),
+    ):
+        if hidden := [p for p in needed if p.startswith(hiding)]:
+            raise ServiceError(
+                f"{hidden[0]} (what {exe} runs) is under {where} ({setting}): install "
+                "Semantica elsewhere with a Python from elsewhere, e.g. `/usr/bin/python3 -m "
+                "venv /opt/semantica && /opt/semantica/bin/pip install <checkout> "
+                "<checkout>/runners`, then run `/opt/semantica/bin/semantica-cli service "
+                "install --system`"
+            )
     commands = []
     if not user_exists(SYSTEM_USER):
         commands.append(

@@ -122,8 +122,13 @@ class Dispatcher:
         self._wake.set()
 
     def due_at(self, when_ms: int | None) -> None:
-        """Look again at `when_ms` (a schedule_at, a retry, an expiry)."""
-        if when_ms is not None and when_ms > self.clock():
+        """Look again at `when_ms` (a schedule_at, a retry, an expiry). A time already
+        passed is kept too, for the next look at once: a ttl shorter than the enqueue
+        took was dropped here, and nothing else ever expired its job."""
+        if when_ms is not None and when_ms <= self.clock():
+            heapq.heappush(self._due, when_ms)
+            self._wake.set()
+        elif when_ms is not None:
             nearest = self._due[0] if self._due else None
             heapq.heappush(self._due, when_ms)
             # The wait must be re-armed only if this is now the nearest time: a later

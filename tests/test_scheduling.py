@@ -127,6 +127,19 @@ def test_schedule_at_and_ttl_are_kept_to_within_50_ms(client):
     assert doomed.created_at + 400 <= expired.finished_at <= doomed.created_at + 450
 
 
+def test_a_ttl_that_passed_before_the_enqueue_was_answered_still_expires(client):
+    """The expiry time was dropped when it had passed by the time the dispatcher
+    heard of the job (ttl_ms=1: the enqueue's own commit takes longer), and nothing
+    expired the job after: QUEUED for good, 'ready: starting now' (an audit found it)."""
+    client.pause("tiny-ttl")
+    # A batch: its commit takes longer than 1 ms, so the expiry has passed by then.
+    batch = [{"job_type": "noop", "queue": "tiny-ttl", "ttl_ms": 1} for _ in range(300)]
+    last = client.enqueue_batch(batch).jobs[-1]
+    ended = client.wait(last.id, timeout_ms=2_000)
+    assert ended.state is State.EXPIRED, ended.waiting_reason
+    assert client.stats().jobs_by_queue["tiny-ttl"].get("QUEUED", 0) == 0
+
+
 def test_waiting_reasons_for_a_busy_queue_a_running_subject_and_a_dependency(client):
     client.configure_queue("busy", concurrency=1)
     first = client.enqueue(job_type="sleep", queue="busy", payload={"seconds": 1.5})

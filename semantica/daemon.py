@@ -168,8 +168,15 @@ class DaemonLock:
                 f"({self.path.with_suffix('')}): stop it with `semantica-cli shutdown` or "
                 f"`kill {holder}`, or point this one at another SEMANTICA_HOME"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise StartupError(
+                f"cannot write the lock file {self.path} ({exc.strerror}): free space on "
+                "its disk, or make it writable"
+            ) from None
         self._fd = fd
 
     def release(self) -> None:
@@ -369,12 +376,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(serve, cfg, restrict_keyboard_interrupt_to_checkpoints=True)
     except (StartupError, StoreError) as exc:
-        print(f"semantica: {exc}", file=sys.stderr)
+        _cannot_start(cfg, str(exc))
         return 1
     except OSError as exc:
-        print(f"semantica: cannot start: {exc}", file=sys.stderr)
+        _cannot_start(cfg, f"cannot start: {exc}")
         return 1
     return 0
+
+
+def _cannot_start(cfg: Config, message: str) -> None:
+    """Why the daemon stops before serving: one line, a JSON record in JSON mode."""
+    if cfg.log_format == "json":
+        log.error("daemon_cannot_start", error=message)
+    else:
+        print(f"semantica: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

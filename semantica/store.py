@@ -70,6 +70,26 @@ class StorageUnavailable(StoreError):
     """The database cannot be written (disk full, read-only file, I/O error)."""
 
 
+class DatabaseDamaged(StoreError):
+    """The file is not a SQLite database, or it is damaged."""
+
+
+def _unopenable(path: str, exc: apsw.Error) -> StoreError:
+    """What opening the database failed on, as a person can act on it."""
+    if isinstance(exc, apsw.NotADBError | apsw.CorruptError):
+        return DatabaseDamaged(
+            f"{path} is not a Semantica database, or it is damaged ({exc}): restore a "
+            "backup (`semantica-cli backup` makes one) or move the file away to start "
+            "with an empty queue"
+        )
+    if isinstance(exc, apsw.FullError):
+        return StorageUnavailable(f"the disk holding {path} is full ({exc}): free some space")
+    return StorageUnavailable(
+        f"{path} cannot be opened for reading and writing ({exc}): check that the file "
+        "and its directory are yours and writable, and the disk"
+    )
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -719,7 +739,10 @@ class Store:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         deferred = group_sync and synchronous in ("FULL", "EXTRA")
         path = os.fspath(path)
-        db = apsw.Connection(path)
+        try:
+            db = apsw.Connection(path)
+        except apsw.Error as exc:
+            raise _unopenable(path, exc) from None
         try:
             db.set_busy_timeout(BUSY_TIMEOUT_MS)
             # On a new file (before WAL mode writes its header): free pages can then be
@@ -731,6 +754,9 @@ class Store:
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA temp_store = MEMORY")  # planning temp b-trees on disk cost ms
             migrated = migrate(db)
+        except apsw.Error as exc:
+            db.close()
+            raise _unopenable(path, exc) from None
         except BaseException:
             db.close()
             raise
@@ -748,10 +774,17 @@ class Store:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise StorageUnavailable(f"no database at {path}: start the daemon once to create it")
-        db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        except apsw.Error as exc:
+            raise _unopenable(path, exc) from None
         try:
             db.set_busy_timeout(BUSY_TIMEOUT_MS)
-            version, latest = _user_version(db), latest_schema_version()
+            try:
+                version = _user_version(db)
+            except apsw.Error as exc:
+                raise _unopenable(path, exc) from None
+            latest = latest_schema_version()
             if version > latest:
                 raise SchemaTooNew(
                     f"{path} has schema version {version}, newer than this Semantica "
@@ -772,7 +805,8 @@ class Store:
     def close(self) -> None:
         """Checkpoint-friendly close: optimise query plans, then release the file."""
         if not self.read_only:
-            self._db.execute("PRAGMA optimize")
+            with contextlib.suppress(apsw.Error):  # a damaged or full disk: close anyway
+                self._db.execute("PRAGMA optimize")
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -314,6 +315,31 @@ def test_second_daemon_is_refused_naming_the_pid(daemon):
     assert "Traceback" not in second.stderr
     with daemon.client() as c:  # the first one is untouched
         assert c.stats().running == 0
+
+
+def test_a_damaged_database_is_one_line_that_says_what_to_do(tmp_path):
+    """A garbled file gave a traceback ending in apsw.NotADBError, and the CLI 'failed
+    unexpectedly ... please report it' (an audit found it)."""
+    home = make_home()
+    env = daemon_env(home, SEMANTICA_RPC_PORT="0")
+    try:
+        made = subprocess.run(
+            [sys.executable, "-m", "semantica.daemon", "--init"], env=env, capture_output=True
+        )
+        assert made.returncode == 0, made.stderr
+        with open(home / "meta.db", "r+b") as db:
+            db.write(b"this is not SQLite!!")
+        for command, code in (
+            ([sys.executable, "-m", "semantica.daemon"], 1),
+            ([str(Path(sys.executable).with_name("semantica-cli")), "status"], 1),
+        ):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+            assert done.returncode == code, done.stderr
+            assert "Traceback" not in done.stderr and "unexpectedly" not in done.stderr
+            assert "is not a Semantica database, or it is damaged" in done.stderr
+            assert "restore a backup" in done.stderr
+    finally:
+        remove_home(home)
 
 
 def test_init_under_a_running_daemon_is_refused_and_touches_nothing(daemon):

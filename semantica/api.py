@@ -443,15 +443,9 @@ class Api:
             superseded = result.superseded_ids + result.superseded_running_ids
             if result.superseded_on_arrival:
                 superseded.append(job.id)
-            for job_id in superseded:
-                log.event(
-                    "job_state_changed",
-                    job_id=job_id,
-                    queue=job.queue,
-                    job_type=job.job_type,
-                    state="SUPERSEDED",
-                    superseded_by=job.id,
-                )
+            for job_id in superseded:  # as stored: with its attempt and how long it ran
+                was = job if job_id == job.id else self.store.get(job_id)
+                self._log_state_change(was, superseded_by=job.id)
             changed += superseded
         self.watch.changed(changed)
         self.dispatcher.wake_for_enqueue({result.job.queue for result in results})
@@ -470,7 +464,7 @@ class Api:
             cancelled=result.cancelled, dependents_cancelled=result.dependents_cancelled
         )
 
-    def _log_state_change(self, job: Job) -> None:
+    def _log_state_change(self, job: Job, **extra: Any) -> None:
         """SPEC §9: every state change, with the job's identity and why (never its payload)."""
         fields: dict[str, Any] = {
             "job_id": job.id,
@@ -486,7 +480,7 @@ class Api:
         tracing = self.dispatcher.tracing
         if tracing is not None and (trace_id := tracing.trace_id(job.id)):
             fields["trace_id"] = trace_id
-        log.event("job_state_changed", **fields)
+        log.event("job_state_changed", **fields, **extra)
 
     def with_waiting_reason(self, job: Job) -> Job:
         """A QUEUED job with the reason it has not started (what the claim checks)."""

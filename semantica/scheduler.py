@@ -37,11 +37,12 @@ ANNOUNCE_GATHER_S = 0.002
 class _Ended:
     """An attempt that ended, waiting to be recorded."""
 
-    __slots__ = ("job", "late", "outcome")
+    __slots__ = ("ended_at", "job", "late", "outcome")
 
-    def __init__(self, job: Job, outcome: Outcome) -> None:
+    def __init__(self, job: Job, outcome: Outcome, ended_at: int) -> None:
         self.job = job
         self.outcome = outcome
+        self.ended_at = ended_at  # ms, when the attempt ended
         self.late = False  # the store refused it once: logged, and retried
 
 
@@ -389,6 +390,8 @@ class Dispatcher:
     def _record(self, e: _Ended, now: int) -> tuple[Job, bool] | None:
         """Record one ended attempt: (the job now, whether this changed it), or None
         if the job is gone (deleted meanwhile: nothing is left to record)."""
+        if e.late:  # recorded looks after it ended (a full disk): its own end time
+            now = min(now, e.ended_at)
         try:
             return self.store.record_end(e.job.id, e.outcome, now=now, rng=self.rng, claimed=e.job)
         except NotFound:
@@ -539,7 +542,7 @@ class Dispatcher:
             self._job_ended.set()
             self.wake()
         # Recorded by the next look, with the claim of the job that takes its place.
-        self._finishing.append(_Ended(job, outcome))
+        self._finishing.append(_Ended(job, outcome, self.clock()))
 
     def _requeue(self, job: Job) -> None:
         try:

@@ -258,6 +258,21 @@ def test_a_cancelled_running_job_is_logged_cancelled_once(daemon, client):
     assert [e["state"] for e in told] == ["RUNNING", "CANCELLED"], told
 
 
+def test_a_superseded_job_is_logged_with_its_attempt_and_how_long_it_ran(daemon, client):
+    """SPEC §9 names attempt and duration_ms; the supersede lines had neither."""
+    old = client.enqueue(job_type="sleep", subject_key="k-logged", payload={"seconds": 30})
+    wait_until_running(client, old.id)
+    new = client.enqueue(
+        job_type="sleep", subject_key="k-logged", supersede_running=True, payload={"seconds": 0}
+    )
+    assert client.wait(old.id, timeout_ms=10_000).state is State.SUPERSEDED
+    client.wait(new.id, timeout_ms=10_000)
+    events = [json.loads(ln) for ln in daemon.log().splitlines() if old.id in ln]
+    [line] = [e for e in events if e.get("state") == "SUPERSEDED"]
+    assert line["attempt"] == 1 and line["superseded_by"] == new.id
+    assert line["duration_ms"] >= 0 and line["error_kind"] == "superseded"
+
+
 def test_a_runner_killed_with_sigkill_is_retried(client, helpers, tmp_path):
     release = tmp_path / "release"
     job = client.enqueue(

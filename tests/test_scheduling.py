@@ -29,7 +29,7 @@ from semantica import config, protocol
 from semantica.domain import EnqueueRequest, Outcome, State
 from semantica.probe import CPU_IDLE_BELOW_PERCENT, FRESH_FOR_S, SAMPLE_EVERY_S, SystemProbe
 from semantica.scheduler import ALL_CONDITIONS, Dispatcher
-from semantica.store import Conditions, JobFilter, Store
+from semantica.store import Conditions, JobFilter, StorageUnavailable, Store
 
 WORKERS = 3
 
@@ -917,6 +917,30 @@ async def test_an_end_that_cannot_be_recorded_at_all_stalls_nothing_either(tmp_p
         failed = store.get(bad)
         assert (failed.state, failed.error_kind) == (State.FAILED, "internal")
         assert "a row this store cannot read" in failed.error_message
+    finally:
+        store.close()
+
+
+async def test_an_end_recorded_late_keeps_the_time_the_attempt_ended(tmp_path):
+    """After the store refused an end (a full disk), it was recorded with the time of
+    the look that could: a 2 s job showed 12 s on an audit's full tmpfs (fixed)."""
+    store = Store.open(tmp_path / "meta.db")
+    job_id = store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms()).job.id
+    record_end, refused = store.record_end, []
+
+    def full_disk_once(*args, **kwargs):
+        if not refused:
+            refused.append(now_ms())
+            raise StorageUnavailable("the disk is full")
+        return record_end(*args, **kwargs)
+
+    store.record_end = full_disk_once
+    dispatcher = one_worker_dispatcher(store, InstantLauncher())
+    try:
+        await run_until(dispatcher, lambda: store.get(job_id).state is State.DONE)
+        done = store.get(job_id)
+        # The look after the refusal comes RETRY_FIRST_S (1 s) later.
+        assert done.finished_at <= refused[0], (done.finished_at, refused[0])
     finally:
         store.close()
 

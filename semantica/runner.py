@@ -273,7 +273,7 @@ def _load_plugin(job_type: str) -> tuple[Any, Result | None]:
     before = {t.ident for t in threading.enumerate()}
     try:
         plugin = ep.load()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that exits as it is imported, too
         return None, _failure(
             exc, f"cannot load runner plugin {ep.name!r} ({ep.value})", kind="plugin_load"
         )
@@ -297,7 +297,7 @@ def _success(value: Any, artifacts_dir: Path) -> Result:
             raise TypeError(f"Output.artifacts must be a list of paths, got {artifacts!r}")
         paths = [_artifact_path(a, artifacts_dir) for a in artifacts]
         encoded = _encode(summary)
-    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+    except (TypeError, ValueError, msgspec.EncodeError, RecursionError) as exc:  # a cycle too
         return _failure(exc, "the plugin's result cannot be encoded as JSON", kind="bad_result")
     if len(encoded) > MAX_RESULT_SUMMARY_BYTES:
         message = (

@@ -90,7 +90,7 @@ def _preload_plugins() -> None:
             continue  # the first one of a name wins, as in installed_runners()
         try:
             plugin = _load_target(target)
-        except Exception:  # the child that needs it reports why, in its job's log
+        except (Exception, SystemExit):  # the child that needs it reports why, in its log
             continue
         if callable(plugin):
             runner._loaded_plugins[name] = plugin

@@ -115,6 +115,12 @@ def stray_thread(ctx):
 
 
 NOT_CALLABLE = 42
+
+
+def cyclic(ctx):
+    loop = []
+    loop.append(loop)
+    return loop
 """
 
 ENTRY_POINTS = """\
@@ -130,6 +136,8 @@ limits = semantica_testplugin:limits
 stray_thread = semantica_testplugin:stray_thread
 not_callable = semantica_testplugin:NOT_CALLABLE
 broken = semantica_testplugin_missing:func
+exits_on_import = semantica_testplugin_exits:func
+cyclic = semantica_testplugin:cyclic
 """
 
 
@@ -138,6 +146,7 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A third-party plugin distribution, found by importlib.metadata via PYTHONPATH."""
     root = tmp_path_factory.mktemp("site")
     (root / "semantica_testplugin.py").write_text(PLUGIN_SOURCE)
+    (root / "semantica_testplugin_exits.py").write_text('raise SystemExit("not today")\n')
     dist = root / "semantica_testplugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text(
@@ -444,6 +453,13 @@ def test_plugin_that_cannot_be_loaded(run):
         run("broken"), "plugin_load", permanent=True, in_message="No module named 'semantica_"
     )
     assert_failure(run("not_callable"), "plugin_load", permanent=True, in_message="not callable")
+    # SystemExit as it is imported: the runner died with status 1, retried as 'exit'.
+    assert_failure(run("exits_on_import"), "plugin_load", permanent=True, in_message="not today")
+
+
+def test_a_result_that_refers_to_itself_is_a_bad_result(run):
+    """A RecursionError escaped the encoding: the runner died, 'exit', retried (fixed)."""
+    assert_failure(run("cyclic"), "bad_result", permanent=True, in_message="cannot be encoded")
 
 
 # --------------------------------------------------------------------------- the process

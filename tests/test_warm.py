@@ -52,6 +52,9 @@ HELPERS_SOURCE = textwrap.dedent(
         ctx.logger.info(text)
         return text
 
+    def path_length():
+        return len(sys.path)
+
     def say(text):
         print(text, flush=True)
         return text
@@ -153,6 +156,14 @@ def test_each_job_starts_with_umask_077_and_the_workers_limits(client):
     lowered = {"callable": "resource:setrlimit", "args": [7, [16, hard]]}
     assert run(client, payload=lowered).state is State.DONE
     assert run(client, payload=nofile).result_summary == [soft, hard]
+
+
+def test_a_python_jobs_sys_path_is_its_own(client, helpers):
+    """The python runner put each job's sys_path in front of sys.path and left it
+    there: on a WARM worker sys.path grew with every such job (fixed)."""
+    fresh_worker(client)
+    lengths = [run(client, payload=helper(helpers, "path_length")).result_summary for _ in range(2)]
+    assert lengths[0] == lengths[1], lengths
 
 
 def test_a_job_that_leaves_a_thread_running_retires_its_worker(client, daemon, helpers):

@@ -6,7 +6,7 @@ Payload:
     args          optional list of positional arguments
     kwargs        optional {name: value} of keyword arguments
     pass_context  optional bool, default false: pass the JobContext as the first argument
-    sys_path      optional list of directories to put in front of sys.path first
+    sys_path      optional list of directories to put in front of sys.path for this job
 
 The callable runs in the runner process, so it may raise `semantica.PermanentError`
 or `semantica.RetryableError` like any plugin, and must return something JSON-able
@@ -15,6 +15,7 @@ or `semantica.RetryableError` like any plugin, and must return something JSON-ab
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Any
@@ -42,11 +43,16 @@ def python(ctx: JobContext) -> Any:
     if not isinstance(sys_path, list) or not all(isinstance(p, str) for p in sys_path):
         raise PayloadError(f"python: 'sys_path' must be a list of strings, got {sys_path!r}")
     sys.path[:0] = sys_path
-    func = resolve(target)
-    ctx.logger.info("python: calling %s", target)
-    if pass_context:
-        return func(ctx, *args, **kwargs)
-    return func(*args, **kwargs)
+    try:
+        func = resolve(target)
+        ctx.logger.info("python: calling %s", target)
+        if pass_context:
+            return func(ctx, *args, **kwargs)
+        return func(*args, **kwargs)
+    finally:  # this job's directories only: a WARM worker runs job after job
+        for entry in sys_path:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(entry)
 
 
 def resolve(target: Any) -> Any:

@@ -38,8 +38,6 @@ from semantica.store import (
     Conditions,
     EnqueueGroup,
     EnqueueResult,
-    NotFound,
-    StorageUnavailable,
     Store,
     StoreError,
 )
@@ -162,35 +160,6 @@ class GroupCommitter:
 RETRYABLE_STATES = (State.FAILED, State.CANCELLED, State.EXPIRED)  # what jobs.retry.v1 takes
 
 
-def rpc_error_for(exc: Exception) -> p.RpcError:
-    """The JSON-RPC error a person can act on, for an exception from the store."""
-    match exc:
-        case p.RpcError():
-            return exc
-        case ValidationError():
-            return p.RpcError(p.VALIDATION, str(exc), {"field": exc.field})
-        case NotFound():
-            return p.RpcError(p.NOT_FOUND, str(exc), {exc.what: exc.ident})
-        case IllegalTransition():
-            return p.RpcError(
-                p.CONFLICT,
-                str(exc),
-                {"id": exc.job_id, "state": exc.current.value, "wanted": exc.target.value},
-            )
-        case StorageUnavailable():
-            return p.RpcError(
-                p.STORAGE_UNAVAILABLE,
-                f"storage unavailable: {exc}",
-                {"retry": "after the cause is fixed; reads still work"},
-            )
-        case _:
-            return p.RpcError(
-                p.INTERNAL_ERROR,
-                "internal error: the daemon log has the details; please report it",
-                {"type": type(exc).__name__},
-            )
-
-
 class Api:
     """The handlers. `handle(method, params)` is the one entry point."""
 
@@ -256,7 +225,7 @@ class Api:
             if method in WRITING_METHODS:
                 await self.wal_sync.durable()
         except (StoreError, ValidationError, IllegalTransition) as exc:
-            raise rpc_error_for(exc) from None
+            raise p.rpc_error_for(exc) from None
         return result
 
     async def _dispatch(self, method: str, params: Any) -> Any:

@@ -32,8 +32,7 @@ from semantica import joblog
 from semantica import protocol as p
 from semantica.client import START_HINT, Client
 from semantica.domain import Job, State, ValidationError, waiting_reason
-from semantica.errors import ConnectionLost, DaemonNotRunning, SemanticaError, ValidationFailed
-from semantica.errors import NotFound as NotFoundError
+from semantica.errors import ConnectionLost, DaemonNotRunning, SemanticaError, error_for
 from semantica.store import JobFilter, Store, StoreError
 from semantica.store import NotFound as StoreNotFound
 
@@ -154,10 +153,8 @@ def _as_daemon_errors() -> Iterator[None]:
     message, code and `--json` document whether or not the daemon runs."""
     try:
         yield
-    except ValidationError as exc:
-        raise ValidationFailed(str(exc), data={"field": exc.field}) from None
-    except StoreNotFound as exc:
-        raise NotFoundError(str(exc), data={exc.what: exc.ident}) from None
+    except (ValidationError, StoreNotFound) as exc:
+        raise error_for(exc) from None
 
 
 _session: Session | None = None

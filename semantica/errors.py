@@ -91,3 +91,10 @@ def error_from(err: p.ErrorObject) -> SemanticaError:
     """The SemanticaError subclass for an error object from the daemon."""
     cls = _BY_CODE.get(err.code, SemanticaError)
     return cls(err.message, code=err.code, data=err.data)
+
+
+def error_for(exc: Exception) -> SemanticaError:
+    """The SemanticaError the daemon would answer for this exception from the store
+    (4001 naming the field, 4004, ...): for the CLI reading a stopped daemon's data."""
+    err = p.rpc_error_for(exc)
+    return error_from(p.ErrorObject(code=err.code, message=err.message, data=err.data))

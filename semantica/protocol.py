@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from semantica.domain import EnqueueRequest, Job
+from semantica.domain import EnqueueRequest, IllegalTransition, Job, ValidationError
 from semantica.plugins import RunnerInfo
-from semantica.store import JobFilter, QueueInfo
+from semantica.store import JobFilter, NotFound, QueueInfo, StorageUnavailable
 
 # --------------------------------------------------------------------------- error codes
 
@@ -37,6 +37,35 @@ class RpcError(Exception):
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         self.code, self.message, self.data = code, message, data
         super().__init__(message)
+
+
+def rpc_error_for(exc: Exception) -> RpcError:
+    """The JSON-RPC error a person can act on, for an exception from the store."""
+    match exc:
+        case RpcError():
+            return exc
+        case ValidationError():
+            return RpcError(VALIDATION, str(exc), {"field": exc.field})
+        case NotFound():
+            return RpcError(NOT_FOUND, str(exc), {exc.what: exc.ident})
+        case IllegalTransition():
+            return RpcError(
+                CONFLICT,
+                str(exc),
+                {"id": exc.job_id, "state": exc.current.value, "wanted": exc.target.value},
+            )
+        case StorageUnavailable():
+            return RpcError(
+                STORAGE_UNAVAILABLE,
+                f"storage unavailable: {exc}",
+                {"retry": "after the cause is fixed; reads still work"},
+            )
+        case _:
+            return RpcError(
+                INTERNAL_ERROR,
+                "internal error: the daemon log has the details; please report it",
+                {"type": type(exc).__name__},
+            )
 
 
 # --------------------------------------------------------------------------- envelopes

@@ -30,7 +30,7 @@ import trio
 
 from semantica import log, metrics
 from semantica import protocol as p
-from semantica.api import Api, rpc_error_for
+from semantica.api import Api
 
 READ_CHUNK = 65536
 CLOSE_DRAIN_S = 0.1  # how long a refused or evicted client may still be sending
@@ -662,7 +662,7 @@ class Server:
                 response = p.error_response(call.id, err)
             except Exception as exc:
                 log.error("request_failed", method=call.method, error=repr(exc), exc_info=True)
-                response = p.error_response(call.id, rpc_error_for(exc))
+                response = p.error_response(call.id, p.rpc_error_for(exc))
         return None if call.is_notification else response
 
     def _authenticate(self, call: p.Call, conn: Conn) -> p.Response:

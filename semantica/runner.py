@@ -594,10 +594,16 @@ def _result_fd_from_env() -> int | None:
 
 def _read_spec() -> bytes:
     data = sys.stdin.buffer.read()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    _stdin_from_devnull()
     return data
+
+
+def _stdin_from_devnull() -> None:
+    """fd 0 reads nothing from here on (a plugin reading stdin gets EOF)."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    if devnull != 0:  # fd 0 was closed: the open took its place
+        os.dup2(devnull, 0)
+        os.close(devnull)
 
 
 def _drop_cwd_from_sys_path() -> None:
@@ -673,9 +679,7 @@ def main_warm() -> int:
     run_as_batch()
     control = os.fdopen(os.dup(0), "rb", buffering=0)
     os.set_inheritable(control.fileno(), False)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    _stdin_from_devnull()
     base_env = dict(os.environ)
     baseline = _WorkerState.capture()
     for line in _lines(control):
@@ -795,10 +799,7 @@ class _WorkerState:
                 if resource.getrlimit(which) != wanted:
                     resource.setrlimit(which, wanted)
         if _file_identity(0) != self.stdin:  # a job closed or moved fd 0
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            if devnull != 0:
-                os.dup2(devnull, 0)
-                os.close(devnull)
+            _stdin_from_devnull()
 
     def left_behind(self) -> str | None:
         """After a job: what it left that the next job would inherit, or None."""

@@ -1257,6 +1257,23 @@ def test_500_connections_over_a_cap_of_50_each_get_an_answer(capped):
     assert_serving(capped)
 
 
+def _answered_connections(daemon: Daemon, n: int) -> list[socket.socket]:
+    """n connections, each answered once and then idle, oldest first."""
+    socks = []
+    for i in range(n):
+        s = unix_socket(daemon)
+        socks.append(s)
+        s.sendall(rpc("admin.stats.v1", None, i) + b"\n")
+        assert json.loads(read_line(s, bytearray()))["id"] == i
+    return socks
+
+
+def _assert_closed_to_make_room(sock: socket.socket) -> None:
+    sock.settimeout(5)
+    [line] = [x for x in read_to_eof(sock).split(b"\n") if x]
+    assert_error(json.loads(line), p.RATE_LIMITED, None)
+
+
 def test_a_connection_sending_a_message_is_not_evicted_as_idle(capped):
     """The oldest connection is part-way through a message: an idle one makes room."""
     time.sleep(0.2)
@@ -1265,18 +1282,12 @@ def test_a_connection_sending_a_message_is_not_evicted_as_idle(capped):
     try:
         partial.sendall(b'{"jsonrpc":"2.0",')
         time.sleep(0.1)  # the longest connected, and the longest since its last reply
-        for i in range(49):
-            s = unix_socket(capped)
-            s.sendall(rpc("admin.stats.v1", None, i) + b"\n")
-            assert json.loads(read_line(s, bytearray()))["id"] == i
-            socks.append(s)
+        socks += _answered_connections(capped, 49)
         with capped.client(timeout=5) as c:
             assert c.stats().running == 0
         partial.sendall(b'"method":"admin.health.v1","id":"late"}\n')
         assert json.loads(read_line(partial, bytearray()))["id"] == "late"
-        socks[0].settimeout(5)
-        [line] = [x for x in read_to_eof(socks[0]).split(b"\n") if x]
-        assert_error(json.loads(line), p.RATE_LIMITED, None)  # this one made room
+        _assert_closed_to_make_room(socks[0])  # the longest idle made room
     finally:
         for s in [partial, *socks]:
             s.close()
@@ -1287,18 +1298,12 @@ def test_idle_connections_are_evicted_to_let_a_new_client_in(capped):
     time.sleep(0.2)  # let the daemon notice that earlier tests' sockets closed
     socks = []
     try:
-        for i in range(50):
-            s = unix_socket(capped)
-            s.sendall(rpc("admin.stats.v1", None, i) + b"\n")
-            assert json.loads(read_line(s, bytearray()))["id"] == i
-            socks.append(s)
+        socks += _answered_connections(capped, 50)
         # All 50 slots are taken by idle connections: a new client still gets in ...
         with capped.client(timeout=5) as c:
             assert c.stats().running == 0
         # ... and the longest-idle one was told why it was closed.
-        socks[0].settimeout(5)
-        [line] = [x for x in read_to_eof(socks[0]).split(b"\n") if x]
-        assert_error(json.loads(line), p.RATE_LIMITED, None)
+        _assert_closed_to_make_room(socks[0])
     finally:
         for s in socks:
             s.close()

@@ -869,6 +869,17 @@ async def test_a_retry_due_at_once_is_told_after_the_end_of_the_attempt_before_i
     assert told == [("RUNNING", 1), ("QUEUED", 1), ("RUNNING", 2), ("DONE", 2)]
 
 
+async def _assert_failed_internally(dispatcher, store, bad: str, after: str, says: str) -> None:
+    """The job enqueued `after` the `bad` one runs, and `bad` ends FAILED/internal."""
+    try:
+        await run_until(dispatcher, lambda: store.get(after).state is State.DONE)
+        failed = store.get(bad)
+        assert (failed.state, failed.error_kind) == (State.FAILED, "internal")
+        assert says in failed.error_message
+    finally:
+        store.close()
+
+
 async def test_an_end_the_store_cannot_take_is_recorded_as_internal_and_stalls_nothing(
     tmp_path,
 ):
@@ -888,13 +899,8 @@ async def test_an_end_the_store_cannot_take_is_recorded_as_internal_and_stalls_n
         EnqueueRequest(job_type="noop", user_tag="bad", max_attempts=1), now=now_ms()
     ).job.id
     after = store.enqueue(EnqueueRequest(job_type="noop"), now=now_ms() + 1).job.id
-    try:
-        await run_until(dispatcher, lambda: store.get(after).state is State.DONE)
-        failed = store.get(bad)
-        assert (failed.state, failed.error_kind) == (State.FAILED, "internal")
-        assert "could not record how this attempt ended" in failed.error_message
-    finally:
-        store.close()
+    says = "could not record how this attempt ended"
+    await _assert_failed_internally(dispatcher, store, bad, after, says)
 
 
 async def test_an_end_that_cannot_be_recorded_at_all_stalls_nothing_either(tmp_path):
@@ -912,13 +918,7 @@ async def test_an_end_that_cannot_be_recorded_at_all_stalls_nothing_either(tmp_p
 
     store.record_end = refusing
     dispatcher = one_worker_dispatcher(store, InstantLauncher())
-    try:
-        await run_until(dispatcher, lambda: store.get(after).state is State.DONE)
-        failed = store.get(bad)
-        assert (failed.state, failed.error_kind) == (State.FAILED, "internal")
-        assert "a row this store cannot read" in failed.error_message
-    finally:
-        store.close()
+    await _assert_failed_internally(dispatcher, store, bad, after, "a row this store cannot read")
 
 
 async def test_an_end_recorded_late_keeps_the_time_the_attempt_ended(tmp_path):

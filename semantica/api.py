@@ -471,6 +471,9 @@ class Api:
                 cpu_idle=offered.cpu_idle and self.dispatcher.admits_idle_gated(now),
                 on_ac_power=offered.on_ac_power,
             )
+        starting = self.dispatcher.runner_starting(job.execution_mode)
+        if starting is not None:
+            facts = msgspec.structs.replace(facts, runner_starting=starting)
         return msgspec.structs.replace(job, waiting_reason=waiting_reason(job, facts, now))
 
     def list_jobs(self, params: p.ListParams) -> p.JobPage:

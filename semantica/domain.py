@@ -438,6 +438,9 @@ class WaitFacts(msgspec.Struct, kw_only=True, frozen=True):
     cpu_idle: bool = True
     on_ac_power: bool = True
     ahead: int = 0  # ready jobs that the claim order puts first
+    # The daemon's: what the job's kind of process waits for (a WARM worker, the
+    # zygote's spare) while it is got ready; a job is claimed only with its process.
+    runner_starting: str | None = None
 
 
 def waiting_reason(job: Job, facts: WaitFacts, now_ms: int) -> str | None:
@@ -481,4 +484,6 @@ def waiting_reason(job: Job, facts: WaitFacts, now_ms: int) -> str | None:
     if facts.ahead:
         count = f"{facts.ahead}+" if facts.ahead >= 1000 else str(facts.ahead)
         return f"ready: {count} job(s) ahead of it by priority and age"
+    if facts.runner_starting is not None:
+        return f"ready: it starts once its process is there ({facts.runner_starting})"
     return "ready: starting now"

@@ -36,6 +36,10 @@ from semantica.runner import open_job_log, read_small
 
 ZYGOTE_START_TIMEOUT_S = 30.0
 ZYGOTE_REPLY_TIMEOUT_S = 10.0
+# How long a SUBPROCESS claim waits for the zygote's spare before it goes ahead
+# without one (the process is then recorded once forked). The zygote forks one in a
+# few ms, or says it cannot; this bounds the wait if it does neither.
+SPARE_WAIT_S = 5.0
 # Set up by the launcher for `python -m semantica.runner`; a zygote's child gets these
 # through its request instead.
 RUNNER_SETUP_VARS = frozenset(
@@ -195,11 +199,41 @@ class Launcher:
         claim (see Zygote.reserve_spare); None: recorded once it exists."""
         return None if self.zygote is None else self.zygote.reserve_spare()
 
+    def claims_without_runner(self, mode: ExecutionMode) -> bool:
+        """Whether a job of `mode` may be claimed with no process reserved for it
+        (then recorded once its process exists): only when none can be had ahead."""
+        if mode is ExecutionMode.WARM:
+            return self.warm.spawn_failed is not None
+        return self.zygote is None or not self.zygote.keeps_spares()
+
+    def get_runner_ready(
+        self, mode: ExecutionMode, nursery: trio.Nursery, ready: Callable[[], None]
+    ) -> None:
+        """Get a process for the next job of `mode` ready, in the background; `ready`
+        is called once there is one (or none can be had ahead)."""
+        if mode is ExecutionMode.WARM:
+            self.warm.get_worker_ready(nursery, ready)
+        elif self.zygote is not None:
+            self.zygote.get_spare_ready(nursery, ready)
+
+    def runner_starting(self, mode: ExecutionMode) -> str | None:
+        """What a ready job of `mode` waits for while its process is got ready."""
+        if mode is ExecutionMode.WARM:
+            return self.warm.starting()
+        return None if self.zygote is None else self.zygote.starting()
+
     def give_back_fresh_runner(self, pid: int) -> None:
         """Free the process `pid` reserved for a claim: no SUBPROCESS job was claimed
         with it, or the job that recorded it has ended without asking for it."""
         if self.zygote is not None:
             self.zygote.give_back_spare(pid)
+
+    def make_tree(self) -> None:
+        """The directories the runners make their own in (and start in)."""
+        if not self._tree_made:
+            for d in (self.logs_dir, self.work_dir, self.artifacts_root):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._tree_made = True
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -226,10 +260,7 @@ class Launcher:
         before this returns or raises.
         """
         try:
-            if not self._tree_made:  # the runners make their own directories in it
-                for d in (self.logs_dir, self.work_dir, self.artifacts_root):
-                    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._tree_made = True
+            self.make_tree()
             cwd = self.work_dir / job.id
             spec = self._spec(job, trace_id)
         except BaseException:
@@ -628,6 +659,10 @@ class WarmPool:
         self.max_rss_bytes = max_rss_bytes
         self.idle: list[WarmWorker] = []
         self.started = 0
+        self._spawning = False  # a worker is being started ahead (get_worker_ready)
+        # Why the last worker started ahead could not be (None: it could): claims
+        # then go ahead without a worker, and each job's run starts one itself.
+        self.spawn_failed: str | None = None
 
     async def run(
         self,
@@ -692,6 +727,35 @@ class WarmPool:
     def give_back(self, worker: WarmWorker) -> None:
         self.idle.append(worker)
 
+    def get_worker_ready(self, nursery: trio.Nursery, ready: Callable[[], None]) -> None:
+        """In the background: start one more worker and put it in the pool, then call
+        `ready`: a WARM job is claimed with its worker's PID recorded, never as
+        RUNNING without a process."""
+        if not self._spawning:
+            self._spawning = True
+            nursery.start_soon(self._spawn_ahead, ready)
+
+    async def _spawn_ahead(self, ready: Callable[[], None]) -> None:
+        try:
+            worker = await self._spawn()
+        except OSError as exc:
+            self.spawn_failed = str(exc)
+            log.warning(
+                "warm_worker_not_started",
+                error=str(exc),
+                advice="WARM jobs start anyway, each trying to start its worker; "
+                "check the process and file limits",
+            )
+        else:
+            self.idle.append(worker)
+        finally:
+            self._spawning = False
+            ready()
+
+    def starting(self) -> str | None:
+        """What a WARM job waits for while a worker is got ready, or None."""
+        return "a WARM worker is starting" if self._spawning else None
+
     def _still_fit(self, worker: WarmWorker, result: Result) -> bool:
         """Whether to reuse the worker: by its own report after the job where it
         gives one (Linux), else by looking at it from here."""
@@ -714,6 +778,7 @@ class WarmPool:
 
     async def _spawn(self) -> WarmWorker:
         launcher = self.launcher
+        launcher.make_tree()
         env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
         env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
@@ -738,6 +803,7 @@ class WarmPool:
         finally:
             os.close(write_fd)
         self.started += 1
+        self.spawn_failed = None
         log.debug("warm_worker_started", pid=proc.pid)
         return WarmWorker(proc, trio.lowlevel.FdStream(read_fd))
 
@@ -834,9 +900,17 @@ class Zygote:
         # reply to its job's request (or that job's end) frees it.
         self._spares: dict[int, int] = {}
         self._reserved: set[int] = set()
+        # Why claims do not wait for a spare now (None: they do): the zygote could not
+        # start, or said it cannot fork a spare (until its next one), or none came.
+        self._no_spare: str | None = None
+        self._awaiting_spare = False  # a task is getting a spare ready (get_spare_ready)
 
     async def _start(self) -> None:
         launcher = self.launcher
+        try:
+            launcher.make_tree()
+        except OSError as exc:
+            raise ZygoteGone(f"cannot start the zygote: {exc}") from None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
         env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
@@ -867,6 +941,7 @@ class Zygote:
             message = await self._receive()
             if message is not None and "ready" in message:
                 log.event("zygote_started", pid=self.proc.pid)
+                self._no_spare = None
                 return
         await self.close()
         raise ZygoteGone("the zygote did not say it was ready")
@@ -944,6 +1019,50 @@ class Zygote:
         self.read_ready()
         pid = self._free_spare()
         return None if pid is None else (pid, self._spares[pid])
+
+    def keeps_spares(self) -> bool:
+        """Whether a SUBPROCESS claim should wait for a spare, to record its process
+        with the claim: spares are configured, and the zygote runs (or is to be
+        started) and has not said it cannot fork one now."""
+        return self.launcher.spares > 0 and self._no_spare is None
+
+    def get_spare_ready(self, nursery: trio.Nursery, ready: Callable[[], None]) -> None:
+        """In the background: start the zygote if it is not running, and wait for a
+        spare no claim has reserved; then call `ready`. If none can be had (the
+        zygote cannot start, dies, says it cannot fork one, or is silent for
+        SPARE_WAIT_S), claims go ahead without one until the next spare."""
+        if not self._awaiting_spare:
+            self._awaiting_spare = True
+            nursery.start_soon(self._await_spare, ready)
+
+    async def _await_spare(self, ready: Callable[[], None]) -> None:
+        try:
+            with trio.move_on_after(SPARE_WAIT_S) as waited:
+                if self.sock is None:
+                    async with self._request_lock:
+                        if self.sock is None:
+                            await self._start()
+                while self.keeps_spares() and not self._has_free_spare():
+                    await self.pump(_NEVER)
+            if waited.cancelled_caught:
+                self._no_spare = f"no spare from the zygote in {SPARE_WAIT_S:g} s"
+        except ZygoteGone as exc:
+            self._no_spare = str(exc)
+        finally:
+            self._awaiting_spare = False
+            ready()
+
+    def _has_free_spare(self) -> bool:
+        self.read_ready()
+        return any(pid not in self._reserved for pid in self._spares)
+
+    def starting(self) -> str | None:
+        """What a SUBPROCESS job waits for while its process is got ready, or None."""
+        if not self._awaiting_spare:
+            return None
+        if self.sock is None:
+            return "the zygote that forks runner processes is starting"
+        return "the zygote is forking its runner process"
 
     def give_back_spare(self, pid: int) -> None:
         """Free a reservation: no SUBPROCESS job was claimed with it, or the job that
@@ -1044,6 +1163,9 @@ class Zygote:
             start = process_start_time(message["spare"])
             if start is not None:  # else it is gone already
                 self._spares[message["spare"]] = start
+                self._no_spare = None
+        elif "no_spare" in message:
+            self._no_spare = str(message["no_spare"])
         elif "failed" in message:
             self._spawned.append(str(message["failed"]))
         elif "exited" in message:

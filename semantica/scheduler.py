@@ -282,7 +282,7 @@ class Dispatcher:
                 # predecessor's end.
                 ended = [self._record(e, now) for e in finishing]
                 if claiming:
-                    offered = self._claim(now, offered, claimed)
+                    offered = self._claim(now, offered, claimed, jobs)
         except BaseException:
             for job, worker in claimed:  # rolled back: QUEUED again, without a runner
                 if worker is not None:
@@ -319,13 +319,28 @@ class Dispatcher:
         return everywhere or not all(self.store.is_paused(q) for q in enqueued_into)
 
     def _claim(
-        self, now: int, offered: Conditions, claimed: list[tuple[Job, WarmWorker | None]]
+        self,
+        now: int,
+        offered: Conditions,
+        claimed: list[tuple[Job, WarmWorker | None]],
+        jobs: trio.Nursery,
     ) -> Conditions:
-        """Claim ready jobs while there is room; returns the conditions still offered."""
-        warm = self.launcher.warm
+        """Claim ready jobs while there is room; returns the conditions still offered.
+
+        A job is claimed with its process, recorded in the same UPDATE (SPEC §4: the
+        runner's PID before the job counts as RUNNING): an idle WARM worker, or the
+        zygote's spare. A job whose kind of process is not there waits (QUEUED) while
+        one is got ready in the background, and others may start meanwhile."""
+        launcher = self.launcher
+        warm = launcher.warm
+        stopping = list(self._stopping_keys.values())
         while len(self._running) + len(claimed) < self.workers:
             worker = warm.reserve()
-            fresh = self.launcher.reserve_fresh_runner()
+            fresh = launcher.reserve_fresh_runner()
+            claim_warm = worker is not None or launcher.claims_without_runner(ExecutionMode.WARM)
+            claim_subprocess = fresh is not None or launcher.claims_without_runner(
+                ExecutionMode.SUBPROCESS
+            )
             began = time.perf_counter()
             try:
                 job = self.store.claim_next_job(
@@ -334,7 +349,9 @@ class Dispatcher:
                     conditions=offered,
                     warm_runner=None if worker is None else (worker.pid, worker.start_time),
                     fresh_runner=fresh,
-                    stopping_keys=list(self._stopping_keys.values()),
+                    stopping_keys=stopping,
+                    claim_warm=claim_warm,
+                    claim_subprocess=claim_subprocess,
                 )
             except BaseException:
                 if worker is not None:
@@ -348,8 +365,18 @@ class Dispatcher:
                 warm.give_back(worker)
                 worker = None
             if fresh is not None and mode is not ExecutionMode.SUBPROCESS:
-                self.launcher.give_back_fresh_runner(fresh[0])
+                launcher.give_back_fresh_runner(fresh[0])
             if job is None:
+                waiting = {
+                    mode
+                    for mode, claimable in (
+                        (ExecutionMode.WARM, claim_warm),
+                        (ExecutionMode.SUBPROCESS, claim_subprocess),
+                    )
+                    if not claimable
+                }
+                if waiting:
+                    self._get_runners_ready(now, offered, stopping, waiting, jobs)
                 break
             claimed.append((job, worker))
             if job.wait_for_idle:
@@ -359,6 +386,24 @@ class Dispatcher:
                 self._idle_admitted_at = now
                 self._resample()
         return offered
+
+    def _get_runners_ready(
+        self,
+        now: int,
+        offered: Conditions,
+        stopping: list[tuple[str, str, str]],
+        waiting: set[ExecutionMode],
+        jobs: trio.Nursery,
+    ) -> None:
+        """Nothing more could be claimed: if a ready job waits for its kind of process
+        (one of `waiting`), get one ready; the dispatcher is woken once it is."""
+        ready = self.store.claimable_modes(now=now, conditions=offered, stopping_keys=stopping)
+        for mode in ready & waiting:
+            self.launcher.get_runner_ready(mode, jobs, self.wake)
+
+    def runner_starting(self, mode: ExecutionMode) -> str | None:
+        """What a ready job of `mode` waits for while its process is got ready."""
+        return self.launcher.runner_starting(mode)
 
     def _start(self, jobs: trio.Nursery, job: Job, worker: WarmWorker | None, now: int) -> None:
         self.start_latency.observe(max(0, now - max(job.created_at, job.run_after)))

@@ -355,7 +355,8 @@ WAIT_AHEAD_CAP = 1000  # "1000 or more ahead" is answer enough; the count stays 
 # never take the same job and the rules below hold at the instant of the write. It
 # looks at the head of each eligible queue only (not paused, under its concurrency),
 # so jobs in a paused or full queue cost nothing, and picks the best of those heads.
-SQL_CLAIM_NEXT_JOB = f"""
+# The best ready job of each queue that may start now (see Store.claim_next_job).
+_SQL_CLAIM_HEADS = f"""
 WITH heads (seq) AS MATERIALIZED (
         SELECT (
             SELECT j.seq FROM jobs AS j INDEXED BY jobs_queue_claim_order
@@ -383,6 +384,9 @@ WITH heads (seq) AS MATERIALIZED (
                     WHERE d.job_id = j.id AND p.state <> 'DONE')
               AND (:cpu_idle OR j.wait_for_idle = 0)
               AND (:on_ac_power OR j.require_charging = 0)
+              -- a job whose runner process is not there yet waits for it
+              AND (:claim_warm OR j.execution_mode <> 'WARM')
+              AND (:claim_subprocess OR j.execution_mode <> 'SUBPROCESS')
             ORDER BY j.priority DESC, j.seq
             LIMIT 1) AS seq
         FROM queues AS q
@@ -390,6 +394,9 @@ WITH heads (seq) AS MATERIALIZED (
           AND (q.concurrency IS NULL OR q.concurrency > (
                 SELECT count(*) FROM jobs AS r WHERE r.state = 'RUNNING' AND r.queue = q.name))
 )
+"""
+
+SQL_CLAIM_NEXT_JOB = f"""{_SQL_CLAIM_HEADS}
 UPDATE jobs SET state = 'RUNNING', attempt = attempt + 1, started_at = :now,
     expires_at = NULL,  -- ttl bounds the wait for a first start; retries never expire
     -- A job's runner known before the claim (an idle worker of the WARM pool, the
@@ -406,6 +413,11 @@ WHERE (SELECT count(*) FROM jobs WHERE state = 'RUNNING') < :global_limit
     ORDER BY best.priority DESC, best.seq
     LIMIT 1)
 RETURNING {JOB_COLUMNS}
+"""
+
+# The execution modes of the jobs the claim would take if every runner were there.
+SQL_CLAIMABLE_MODES = f"""{_SQL_CLAIM_HEADS}
+SELECT DISTINCT best.execution_mode FROM heads JOIN jobs AS best ON best.seq = heads.seq
 """
 
 SQL_RECORD_RUNNER = """
@@ -1293,6 +1305,8 @@ class Store:
         warm_runner: tuple[int, int] | None = None,
         fresh_runner: tuple[int, int] | None = None,
         stopping_keys: Sequence[tuple[str, str, str]] = (),
+        claim_warm: bool = True,
+        claim_subprocess: bool = True,
     ) -> Job | None:
         """Atomically take the best ready job and mark it RUNNING, or return None.
 
@@ -1312,6 +1326,10 @@ class Store:
 
         `stopping_keys` (queue, job_type, subject_key): subjects whose cancelled or
         superseded job's process is still being stopped; none of their jobs starts.
+
+        `claim_warm` / `claim_subprocess` False: no job of that mode is taken (its
+        runner process is not there yet, so the job would count as RUNNING without
+        one); the best job of each queue among the others is.
         """
         pid, start_time = warm_runner if warm_runner is not None else (None, None)
         fresh_pid, fresh_start_time = fresh_runner if fresh_runner is not None else (None, None)
@@ -1325,10 +1343,32 @@ class Store:
             "fresh_pid": fresh_pid,
             "fresh_start_time": fresh_start_time,
             "stopping": _json_encode(stopping_keys).decode() if stopping_keys else "[]",
+            "claim_warm": claim_warm,
+            "claim_subprocess": claim_subprocess,
         }
         with self._no_fsync(), self._writing():
             rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()
         return _row_to_job(rows[0]) if rows else None
+
+    def claimable_modes(
+        self,
+        *,
+        now: int,
+        conditions: Conditions,
+        stopping_keys: Sequence[tuple[str, str, str]] = (),
+    ) -> set[domain.ExecutionMode]:
+        """The execution modes of the jobs `claim_next_job` would take now if every
+        kind of runner process were there: what the dispatcher should get ready."""
+        args = {
+            "now": now,
+            "cpu_idle": conditions.cpu_idle,
+            "on_ac_power": conditions.on_ac_power,
+            "stopping": _json_encode(stopping_keys).decode() if stopping_keys else "[]",
+            "claim_warm": True,
+            "claim_subprocess": True,
+        }
+        rows = self._db.execute(SQL_CLAIMABLE_MODES, args).fetchall()
+        return {domain.ExecutionMode(mode) for (mode,) in rows}
 
     def transaction(self) -> _Transaction:
         """`with store.transaction():` makes the store calls inside one transaction

@@ -325,6 +325,8 @@ def _serve(sock: socket.socket) -> int:
             forked = _fork_spare(zygote_pid, to_close(), sock)
             if forked is None:
                 refill_at = time.monotonic() + SPARE_REFILL_AFTER_REFUSAL_S
+                # The daemon's claims stop waiting for a spare until the next one.
+                sock.sendall(_encode({"no_spare": "the zygote cannot fork a spare now"}))
             else:
                 spares[forked[0]] = forked[1]
             continue
@@ -364,6 +366,7 @@ def _serve(sock: socket.socket) -> int:
             # Replaced after a pause, as after a refused fork: something (an OOM
             # killer) may be killing them.
             refill_at = time.monotonic() + SPARE_REFILL_AFTER_REFUSAL_S
+            sock.sendall(_encode({"no_spare": "the zygote's spare was killed"}))
 
 
 def _fork_spare(

@@ -357,6 +357,18 @@ WAITING_REASONS = [
         {"ahead": 1000},
         "ready: 1000+ job(s) ahead of it by priority and age",
     ),
+    (
+        "process starting",
+        queued(),
+        {"runner_starting": "a WARM worker is starting"},
+        "ready: it starts once its process is there (a WARM worker is starting)",
+    ),
+    (
+        "workers busy before the process",
+        queued(),
+        {"global_limit": 2, "global_running": 2, "runner_starting": "a WARM worker is starting"},
+        "all 2 workers are busy",
+    ),
     ("ready", queued(), {}, "ready: starting now"),
 ]
 

@@ -602,6 +602,58 @@ def test_cancel_racing_the_start_never_hurts_the_daemon(client, daemon):
     assert run_to_end(client, job_type="noop").state is State.DONE
 
 
+def test_no_job_counts_as_running_before_its_process_is_recorded():
+    # SPEC §4. A fresh daemon has no zygote and no WARM worker yet: the first jobs of
+    # each mode wait QUEUED while one starts, and are claimed with its PID.
+    d = start_daemon(SEMANTICA_WORKERS="2")
+    try:
+        with d.client() as c:
+            jobs = [
+                c.enqueue(
+                    job_type="sleep",
+                    payload={"seconds": 0.05},
+                    execution_mode=("WARM", "SUBPROCESS")[i % 2],
+                ).id
+                for i in range(8)
+            ]
+            seen_running, without_pid = set(), []
+            deadline = time.monotonic() + 30
+            while len(done := [j for j in jobs if c.get(j).is_terminal]) < len(jobs):
+                assert time.monotonic() < deadline, f"only {len(done)} of the jobs ended"
+                for job_id in jobs:
+                    job = c.get(job_id)
+                    if job.state is State.RUNNING:
+                        seen_running.add(job_id)
+                        if job.runner_pid is None:
+                            without_pid.append(job_id)
+            assert seen_running  # the check saw jobs running
+            assert not without_pid, f"RUNNING without a runner_pid: {sorted(set(without_pid))}"
+            assert {c.get(j).state for j in jobs} == {State.DONE}
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+def test_a_job_waiting_for_its_process_says_so():
+    # The zygote takes a good part of a second to start: meanwhile the job is ready
+    # and QUEUED, and its waiting_reason says what it waits for.
+    d = start_daemon()
+    try:
+        with d.client() as c:
+            job = c.enqueue(job_type="noop", execution_mode="SUBPROCESS")
+            reasons = []
+            while (now := c.get(job.id)).state is State.QUEUED:
+                reasons.append(now.waiting_reason)
+            assert (
+                "ready: it starts once its process is there "
+                "(the zygote that forks runner processes is starting)"
+            ) in reasons
+            assert now.runner_pid is not None
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
 def test_a_memory_hog_is_stopped_by_the_address_space_limit():
     d = start_daemon(SEMANTICA_RUNNER_MEMORY_MB="512")
     try:

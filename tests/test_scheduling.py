@@ -570,12 +570,15 @@ class NoIdleWorkers:
 
 class LauncherDouble:
     """What the dispatcher asks of a launcher before a claim: no idle WARM worker, no
-    process forked ahead."""
+    process forked ahead, and none to wait for (jobs are claimed without one)."""
 
     warm = NoIdleWorkers()
 
     def reserve_fresh_runner(self):
         return None
+
+    def claims_without_runner(self, mode):
+        return True
 
     def give_back_fresh_runner(self, pid):
         pass  # a job's end, with the pid it recorded (never a reserved one here)

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -193,6 +193,10 @@ class Launcher:
         self.zygote = Zygote(self) if use_zygote and sys.platform == "linux" else None
         self.spares = spares  # processes the zygote keeps forked ahead
         self._tree_made = False
+        # The background tasks getting a runner ready for the next claim, and whether
+        # the daemon is stopping (then none starts, and those running are cancelled).
+        self._getting_ready: set[trio.CancelScope] = set()
+        self._stopping = False
 
     def reserve_fresh_runner(self) -> tuple[int, int] | None:
         """The process a SUBPROCESS job claimed now would run in, to record with its
@@ -211,10 +215,32 @@ class Launcher:
     ) -> None:
         """Get a process for the next job of `mode` ready, in the background; `ready`
         is called once there is one (or none can be had ahead)."""
+        if self._stopping:
+            return
         if mode is ExecutionMode.WARM:
             self.warm.get_worker_ready(nursery, ready)
         elif self.zygote is not None:
             self.zygote.get_spare_ready(nursery, ready)
+
+    def in_background(self, nursery: trio.Nursery, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` (getting a runner ready) in `nursery`, until the daemon stops."""
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                self._getting_ready.add(scope)
+                try:
+                    await fn()
+                finally:
+                    self._getting_ready.discard(scope)
+
+        nursery.start_soon(run)
+
+    def stop_getting_ready(self) -> None:
+        """The daemon is stopping: no runner is got ready any more (a worker or the
+        zygote being started is left to the shutdown that follows)."""
+        self._stopping = True
+        for scope in self._getting_ready:
+            scope.cancel()
 
     def runner_starting(self, mode: ExecutionMode) -> str | None:
         """What a ready job of `mode` waits for while its process is got ready."""
@@ -733,7 +759,7 @@ class WarmPool:
         RUNNING without a process."""
         if not self._spawning:
             self._spawning = True
-            nursery.start_soon(self._spawn_ahead, ready)
+            self.launcher.in_background(nursery, lambda: self._spawn_ahead(ready))
 
     async def _spawn_ahead(self, ready: Callable[[], None]) -> None:
         try:
@@ -1033,7 +1059,7 @@ class Zygote:
         SPARE_WAIT_S), claims go ahead without one until the next spare."""
         if not self._awaiting_spare:
             self._awaiting_spare = True
-            nursery.start_soon(self._await_spare, ready)
+            self.launcher.in_background(nursery, lambda: self._await_spare(ready))
 
     async def _await_spare(self, ready: Callable[[], None]) -> None:
         try:

@@ -604,6 +604,7 @@ class Dispatcher:
     async def drain(self, grace_s: float) -> None:
         """Claim nothing more; give running jobs `grace_s` to end, then stop and requeue them."""
         self._stopping = True
+        self.launcher.stop_getting_ready()
         with trio.move_on_after(grace_s):
             await self._all_jobs_ended()
         for scope in list(self._running.values()):

@@ -654,6 +654,32 @@ def test_a_job_waiting_for_its_process_says_so():
         remove_home(d.home)
 
 
+@pytest.mark.parametrize("mode", ["SUBPROCESS", "WARM"])
+def test_a_daemon_stopped_while_a_jobs_process_starts_stops_cleanly(mode):
+    # SIGTERM while the job waits for its process (the zygote or a WARM worker being
+    # started in the background): the daemon drains, exits 0, and logs no error.
+    d = start_daemon()
+    try:
+        with d.client() as c:
+            job = c.enqueue(job_type="noop", execution_mode=mode)
+            # Its process is on its way (the zygote still imports the plugins).
+            deadline = time.monotonic() + 10
+            while not psutil.Process(d.proc.pid).children() and c.get(job.id).state is State.QUEUED:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        code = d.stop()
+        log = d.log()
+        assert code == 0, log
+        assert "Traceback" not in log and '"level":"error"' not in log, log
+        store = Store.open(d.home / "meta.db")
+        try:
+            assert store.get(job.id).state in (State.QUEUED, State.DONE)
+        finally:
+            store.close()
+    finally:
+        remove_home(d.home)
+
+
 def test_a_memory_hog_is_stopped_by_the_address_space_limit():
     d = start_daemon(SEMANTICA_RUNNER_MEMORY_MB="512")
     try:

@@ -580,6 +580,9 @@ class LauncherDouble:
     def claims_without_runner(self, mode):
         return True
 
+    def stop_getting_ready(self):
+        pass  # it gets nothing ready
+
     def give_back_fresh_runner(self, pid):
         pass  # a job's end, with the pid it recorded (never a reserved one here)
 

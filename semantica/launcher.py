@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import logging
 import math
 import os
 import signal
@@ -764,10 +765,12 @@ class WarmPool:
     async def _spawn_ahead(self, ready: Callable[[], None]) -> None:
         try:
             worker = await self._spawn()
-        except OSError as exc:
+        except Exception as exc:  # never the daemon's end: each job then tries itself
             self.spawn_failed = str(exc)
-            log.warning(
+            log.event(
                 "warm_worker_not_started",
+                level=logging.WARNING,
+                exc_info=not isinstance(exc, OSError),
                 error=str(exc),
                 advice="WARM jobs start anyway, each trying to start its worker; "
                 "check the process and file limits",
@@ -930,14 +933,15 @@ class Zygote:
         # start, or said it cannot fork a spare (until its next one), or none came.
         self._no_spare: str | None = None
         self._awaiting_spare = False  # a task is getting a spare ready (get_spare_ready)
+        self._ready = False  # the zygote said it is ready (it has imported the plugins)
 
     async def _start(self) -> None:
         launcher = self.launcher
         try:
             launcher.make_tree()
-        except OSError as exc:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:  # out of file descriptors, say
             raise ZygoteGone(f"cannot start the zygote: {exc}") from None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
         env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
@@ -968,6 +972,7 @@ class Zygote:
             if message is not None and "ready" in message:
                 log.event("zygote_started", pid=self.proc.pid)
                 self._no_spare = None
+                self._ready = True
                 return
         await self.close()
         raise ZygoteGone("the zygote did not say it was ready")
@@ -1063,17 +1068,25 @@ class Zygote:
 
     async def _await_spare(self, ready: Callable[[], None]) -> None:
         try:
+            if self.sock is None:
+                async with self._request_lock:
+                    if self.sock is None:
+                        await self._start()  # within its own ZYGOTE_START_TIMEOUT_S
             with trio.move_on_after(SPARE_WAIT_S) as waited:
-                if self.sock is None:
-                    async with self._request_lock:
-                        if self.sock is None:
-                            await self._start()
                 while self.keeps_spares() and not self._has_free_spare():
                     await self.pump(_NEVER)
-            if waited.cancelled_caught:
+            if waited.cancelled_caught and not self._has_free_spare():
                 self._no_spare = f"no spare from the zygote in {SPARE_WAIT_S:g} s"
         except ZygoteGone as exc:
             self._no_spare = str(exc)
+        except Exception as exc:  # never the daemon's end: jobs go ahead without a spare
+            self._no_spare = repr(exc)
+            log.error(
+                "zygote_spare_not_ready",
+                error=repr(exc),
+                advice="SUBPROCESS jobs start without a spare; please report it",
+                exc_info=True,
+            )
         finally:
             self._awaiting_spare = False
             ready()
@@ -1086,7 +1099,7 @@ class Zygote:
         """What a SUBPROCESS job waits for while its process is got ready, or None."""
         if not self._awaiting_spare:
             return None
-        if self.sock is None:
+        if not self._ready:
             return "the zygote that forks runner processes is starting"
         return "the zygote is forking its runner process"
 
@@ -1094,6 +1107,10 @@ class Zygote:
         """Free a reservation: no SUBPROCESS job was claimed with it, or the job that
         recorded it ended without asking for its process (cancelled first...)."""
         self._reserved.discard(pid)
+        if self._awaiting_spare:  # a task waiting for a free spare has one now
+            if self._reader is not None:
+                self._reader.cancel()
+            self._tell_changed()
 
     def _spare_for(self, recorded: int | None) -> int | None:
         """The spare a request should name: the one its claim recorded, else one no
@@ -1218,6 +1235,7 @@ class Zygote:
         raise ZygoteGone(why)
 
     async def close(self) -> None:
+        self._ready = False
         self._spares.clear()
         self._reserved.clear()
         self._raw = None

@@ -329,8 +329,9 @@ class Dispatcher:
 
         A job is claimed with its process, recorded in the same UPDATE (SPEC §4: the
         runner's PID before the job counts as RUNNING): an idle WARM worker, or the
-        zygote's spare. A job whose kind of process is not there waits (QUEUED) while
-        one is got ready in the background, and others may start meanwhile."""
+        zygote's spare. If the next job's kind of process is not there, it waits
+        (QUEUED) while one is got ready in the background, and so do the jobs behind
+        it (the claim order holds)."""
         launcher = self.launcher
         warm = launcher.warm
         stopping = list(self._stopping_keys.values())
@@ -395,10 +396,10 @@ class Dispatcher:
         waiting: set[ExecutionMode],
         jobs: trio.Nursery,
     ) -> None:
-        """Nothing more could be claimed: if a ready job waits for its kind of process
+        """Nothing more could be claimed: if the next job waits for its kind of process
         (one of `waiting`), get one ready; the dispatcher is woken once it is."""
-        ready = self.store.claimable_modes(now=now, conditions=offered, stopping_keys=stopping)
-        for mode in ready & waiting:
+        mode = self.store.next_claim_mode(now=now, conditions=offered, stopping_keys=stopping)
+        if mode in waiting:
             self.launcher.get_runner_ready(mode, jobs, self.wake)
 
     def runner_starting(self, mode: ExecutionMode) -> str | None:

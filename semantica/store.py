@@ -355,7 +355,7 @@ WAIT_AHEAD_CAP = 1000  # "1000 or more ahead" is answer enough; the count stays 
 # never take the same job and the rules below hold at the instant of the write. It
 # looks at the head of each eligible queue only (not paused, under its concurrency),
 # so jobs in a paused or full queue cost nothing, and picks the best of those heads.
-# The best ready job of each queue that may start now (see Store.claim_next_job).
+# The best ready job of each queue (see Store.claim_next_job).
 _SQL_CLAIM_HEADS = f"""
 WITH heads (seq) AS MATERIALIZED (
         SELECT (
@@ -384,9 +384,6 @@ WITH heads (seq) AS MATERIALIZED (
                     WHERE d.job_id = j.id AND p.state <> 'DONE')
               AND (:cpu_idle OR j.wait_for_idle = 0)
               AND (:on_ac_power OR j.require_charging = 0)
-              -- a job whose runner process is not there yet waits for it
-              AND (:claim_warm OR j.execution_mode <> 'WARM')
-              AND (:claim_subprocess OR j.execution_mode <> 'SUBPROCESS')
             ORDER BY j.priority DESC, j.seq
             LIMIT 1) AS seq
         FROM queues AS q
@@ -412,12 +409,18 @@ WHERE (SELECT count(*) FROM jobs WHERE state = 'RUNNING') < :global_limit
     SELECT best.seq FROM heads JOIN jobs AS best ON best.seq = heads.seq
     ORDER BY best.priority DESC, best.seq
     LIMIT 1)
+  -- The best job waits for its runner process if it is not there yet; no other
+  -- takes its place meanwhile (the claim order holds).
+  AND (:claim_warm OR execution_mode <> 'WARM')
+  AND (:claim_subprocess OR execution_mode <> 'SUBPROCESS')
 RETURNING {JOB_COLUMNS}
 """
 
-# The execution modes of the jobs the claim would take if every runner were there.
-SQL_CLAIMABLE_MODES = f"""{_SQL_CLAIM_HEADS}
-SELECT DISTINCT best.execution_mode FROM heads JOIN jobs AS best ON best.seq = heads.seq
+# The execution mode of the job the claim would take next.
+SQL_NEXT_CLAIM_MODE = f"""{_SQL_CLAIM_HEADS}
+SELECT best.execution_mode FROM heads JOIN jobs AS best ON best.seq = heads.seq
+ORDER BY best.priority DESC, best.seq
+LIMIT 1
 """
 
 SQL_RECORD_RUNNER = """
@@ -1327,9 +1330,10 @@ class Store:
         `stopping_keys` (queue, job_type, subject_key): subjects whose cancelled or
         superseded job's process is still being stopped; none of their jobs starts.
 
-        `claim_warm` / `claim_subprocess` False: no job of that mode is taken (its
-        runner process is not there yet, so the job would count as RUNNING without
-        one); the best job of each queue among the others is.
+        `claim_warm` / `claim_subprocess` False: if the best job is of that mode, it
+        is not taken (its runner process is not there yet: it would count as RUNNING
+        without one), and neither is any other in its place; None is returned.
+        `next_claim_mode` says which mode the best job is.
         """
         pid, start_time = warm_runner if warm_runner is not None else (None, None)
         fresh_pid, fresh_start_time = fresh_runner if fresh_runner is not None else (None, None)
@@ -1350,25 +1354,23 @@ class Store:
             rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()
         return _row_to_job(rows[0]) if rows else None
 
-    def claimable_modes(
+    def next_claim_mode(
         self,
         *,
         now: int,
         conditions: Conditions,
         stopping_keys: Sequence[tuple[str, str, str]] = (),
-    ) -> set[domain.ExecutionMode]:
-        """The execution modes of the jobs `claim_next_job` would take now if every
-        kind of runner process were there: what the dispatcher should get ready."""
+    ) -> domain.ExecutionMode | None:
+        """The execution mode of the job `claim_next_job` would take now if every kind
+        of runner process were there (None: no job is ready): what to get ready."""
         args = {
             "now": now,
             "cpu_idle": conditions.cpu_idle,
             "on_ac_power": conditions.on_ac_power,
             "stopping": _json_encode(stopping_keys).decode() if stopping_keys else "[]",
-            "claim_warm": True,
-            "claim_subprocess": True,
         }
-        rows = self._db.execute(SQL_CLAIMABLE_MODES, args).fetchall()
-        return {domain.ExecutionMode(mode) for (mode,) in rows}
+        rows = self._db.execute(SQL_NEXT_CLAIM_MODE, args).fetchall()
+        return domain.ExecutionMode(rows[0][0]) if rows else None
 
     def transaction(self) -> _Transaction:
         """`with store.transaction():` makes the store calls inside one transaction

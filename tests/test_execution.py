@@ -634,6 +634,31 @@ def test_no_job_counts_as_running_before_its_process_is_recorded():
         remove_home(d.home)
 
 
+@pytest.mark.parametrize("order", ["priority", "age"])
+def test_a_job_waiting_for_its_process_keeps_its_place(order):
+    # SPEC §5 order holds while the best job's process is got ready: a WARM job (no
+    # worker yet) ahead of a SUBPROCESS one (whose spare is there) starts first.
+    d = start_daemon(SEMANTICA_WORKERS="1")
+    try:
+        with d.client() as c:
+            run_to_end(c, job_type="noop", execution_mode="SUBPROCESS")  # the zygote is up
+            c.pause("q")
+            first = c.enqueue(
+                queue="q",
+                job_type="noop",
+                execution_mode="WARM",
+                priority=10 if order == "priority" else 0,
+            )
+            second = c.enqueue(queue="q", job_type="noop", execution_mode="SUBPROCESS")
+            c.resume("q")
+            first, second = (c.wait(j.id, timeout_ms=20_000) for j in (first, second))
+            assert first.state is second.state is State.DONE
+            assert first.started_at <= second.started_at
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
 def test_a_job_waiting_for_its_process_says_so():
     # The zygote takes a good part of a second to start: meanwhile the job is ready
     # and QUEUED, and its waiting_reason says what it waits for.

@@ -2,7 +2,8 @@
 soon a job starts. Prints figures; it is not a test.
 
     .venv/bin/python bench/exec_bench.py            # 2,000 jobs each, a few minutes
-    .venv/bin/python bench/exec_bench.py --quick    # 300 jobs each
+    .venv/bin/python bench/exec_bench.py --quick    # 300 jobs each, one round
+    .venv/bin/python bench/exec_bench.py --rounds 5 # each system drained 5 times
 
 Peers (`make bench-deps` installs them; each is skipped, saying how to get it, if absent):
 - huey 3 (SqliteHuey, `huey_consumer -k process -w 2`, its default polling), a trivial
@@ -10,7 +11,9 @@ Peers (`make bench-deps` installs them; each is skipped, saying how to get it, i
 - task-spooler (`tsp -S 2`), 500 `true` jobs: a C client forking a C binary.
 
 Each drains N jobs enqueued beforehand (queue paused / consumer not started / a gate
-job holding tsp's slot) on 2 workers, timed from the release to the last result.
+job holding tsp's slot) on 2 workers, timed from the release to the last result. The
+systems take turns, 3 rounds (the host's speed drifts by 2x over minutes here); the
+medians are compared, and each round's figures are printed.
 Latency: WARM enqueue->start p50/p99 over sequential jobs (the daemon's own
 started_at - created_at), then one job after the daemon has sat idle for 60 s
 (--quick: 10 s).
@@ -22,8 +25,10 @@ WARM enqueue->start p99 <= 5 ms, also after an idle minute.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,20 +109,22 @@ def semantica_latency(samples: int, idle_s: float) -> tuple[float, float, float]
         LEFT_FOR_LATER.append(d.home)
 
 
-def huey_drain(n: int, tmp: Path) -> float | None:
+def huey_drain(n: int, tmp: Path, round_no: int = 0) -> float | None:
     consumer = Path(sys.executable).with_name("huey_consumer")
     try:
         import huey  # noqa: F401
     except ImportError:
         print("  huey: not installed (make bench-deps, or .venv/bin/pip install huey)")
         return None
-    (tmp / "bench_huey_tasks.py").write_text(HUEY_TASKS.format(db=str(tmp / "huey.db")))
-    sys.path.insert(0, str(tmp))
-    import bench_huey_tasks as tasks
+    module = f"bench_huey_tasks_{round_no}"  # a database of its own each round
+    (tmp / f"{module}.py").write_text(HUEY_TASKS.format(db=str(tmp / f"huey{round_no}.db")))
+    if str(tmp) not in sys.path:
+        sys.path.insert(0, str(tmp))
+    tasks = importlib.import_module(module)
 
     results = [tasks.noop() for _ in range(n)]
     proc = subprocess.Popen(
-        [str(consumer), "bench_huey_tasks.huey", "-k", "process", "-w", str(WORKERS), "-q"],
+        [str(consumer), f"{module}.huey", "-k", "process", "-w", str(WORKERS), "-q"],
         cwd=tmp,
         env={**os.environ, "PYTHONPATH": str(tmp)},
         stdout=subprocess.DEVNULL,
@@ -133,11 +140,13 @@ def huey_drain(n: int, tmp: Path) -> float | None:
         proc.wait(10)
 
 
-def tsp_drain(n: int, tmp: Path) -> float | None:
+def tsp_drain(n: int, tmp: Path, round_no: int = 0) -> float | None:
     tsp = shutil.which("tsp") or shutil.which("ts")
     if tsp is None:
         print("  tsp: not installed (make bench-deps, or apt-get install task-spooler)")
         return None
+    tmp = tmp / f"tsp{round_no}"  # a server, gate and output files of its own each round
+    tmp.mkdir()
     env = {**os.environ, "TS_SOCKET": str(tmp / "ts.sock"), "TMPDIR": str(tmp), "TS_SLOTS": "1"}
 
     def ts(*args: str) -> str:
@@ -163,25 +172,49 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="drains of each system, taken in turn (default 3; --quick: 1); the "
+        "medians are compared",
+    )
     args = parser.parse_args()
     n = 300 if args.quick else 2_000
+    rounds = args.rounds or (1 if args.quick else 3)
     print(
         f"exec_bench: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, "
-        f"{n:,} jobs each, {WORKERS} workers"
+        f"{n:,} jobs each, {WORKERS} workers, {rounds} round(s)"
     )
     tmp = Path(tempfile.mkdtemp(prefix="sem-eb-"))
+    subs: list[float | None] = []
+    warms: list[float | None] = []
+    hueys: list[float | None] = []
+    tsps: list[float | None] = []
     try:
-        sub = semantica_drain(n, "SUBPROCESS")
-        print(f"  SUBPROCESS drain: {sub:.0f} jobs/s", flush=True)
-        warm = semantica_drain(n, "WARM")
-        print(f"  WARM drain: {warm:.0f} jobs/s", flush=True)
-        hu = huey_drain(n, tmp)
-        print(f"  huey drain: {hu or 0:.0f} jobs/s", flush=True)
-        tsp = tsp_drain(TSP_JOBS, tmp)
-        print(f"  tsp drain ({TSP_JOBS} true jobs): {tsp or 0:.0f} jobs/s", flush=True)
+        # Each round drains every system once, one after the other: the host's speed
+        # drifts over minutes here, and a system measured only in a slow phase would
+        # be compared unfairly. The medians over the rounds are compared.
+        for round_no in range(rounds):
+            subs.append(semantica_drain(n, "SUBPROCESS"))
+            warms.append(semantica_drain(n, "WARM"))
+            hueys.append(huey_drain(n, tmp, round_no))
+            tsps.append(tsp_drain(TSP_JOBS, tmp, round_no))
+            print(
+                f"  round {round_no + 1}: SUBPROCESS {subs[-1]:.0f}, WARM {warms[-1]:.0f}, "
+                f"huey {hueys[-1] or 0:.0f}, tsp ({TSP_JOBS} true jobs) {tsps[-1] or 0:.0f} jobs/s",
+                flush=True,
+            )
+        sub, warm, hu, tsp = (_median(v) for v in (subs, warms, hueys, tsps))
+        assert sub is not None and warm is not None
         p50, p99, after_idle = semantica_latency(
             100 if args.quick else 300, 10 if args.quick else 60
         )
@@ -189,7 +222,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         for home in LEFT_FOR_LATER:
             remove_home(home)
-    print(f"{'drain (jobs/s)':<28}{'Semantica':>12}{'peer':>12}")
+    print(f"{'drain (jobs/s), median':<28}{'Semantica':>12}{'peer':>12}")
     print(f"{'SUBPROCESS vs tsp true':<28}{sub:>12.0f}{(tsp or 0):>12.0f}")
     print(f"{'WARM vs huey process':<28}{warm:>12.0f}{(hu or 0):>12.0f}")
     print(f"SUBPROCESS >= 400 jobs/s: {verdict(sub >= 400)}")

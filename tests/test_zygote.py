@@ -458,3 +458,36 @@ def test_a_request_names_the_spare_its_claim_recorded_and_no_other_takes_it(tmp_
     assert zygote._spare_for(None) == 4242  # a request no claim prepared may take one
     assert zygote.reserve_spare() == (4444, 1_764_600_000_999)
     assert zygote.reserve_spare() is None
+
+
+async def test_a_spare_given_back_ends_the_wait_for_one(tmp_path):
+    """A SUBPROCESS job waits for a spare while the only one is reserved; the job that
+    reserved it ends without asking for it: the wait ends at once, with the spare
+    free, and claims still wait for spares (a wait left to time out said the zygote
+    could not fork one, and claims went ahead without a PID)."""
+    import trio
+
+    from semantica.domain import ExecutionMode
+    from semantica.launcher import Launcher
+
+    launcher = Launcher(home=tmp_path, env_allowlist=frozenset(["PATH"]), spares=1)
+    zygote = launcher.zygote
+    assert zygote is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+            zygote.get_spare_ready(nursery, ready.set)  # starts the zygote, waits for its spare
+            with trio.fail_after(30):
+                await ready.wait()
+            pid, _start = zygote.reserve_spare()  # a claim records it
+            ready = trio.Event()
+            zygote.get_spare_ready(nursery, ready.set)  # the next job waits for a spare
+            await trio.sleep(0.1)
+            assert not ready.is_set()
+            zygote.give_back_spare(pid)  # the first job ended without asking for it
+            with trio.fail_after(1):
+                await ready.wait()
+            assert zygote.reserve_spare() == (pid, _start)
+            assert not launcher.claims_without_runner(ExecutionMode.SUBPROCESS)
+    finally:
+        await zygote.close()

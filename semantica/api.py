@@ -38,6 +38,7 @@ from semantica.store import (
     Conditions,
     EnqueueGroup,
     EnqueueResult,
+    NotFound,
     Store,
     StoreError,
 )
@@ -196,6 +197,7 @@ class Api:
         self.runners = installed_runners()
         self.committer = GroupCommitter(store, clock, self.metrics)
         self.committer.on_committed = self._after_enqueue
+        store.on_dependents_cancelled(self._dependents_cancelled)
         self.wal_sync = WalSync(store)
         if store.needs_sync:  # how attempts ended is announced once it is on disk
             self.dispatcher.durable = functools.partial(self.wal_sync.durable, off_loop=True)
@@ -340,8 +342,31 @@ class Api:
             parent_job_id=job.id,
             chain_group_id=job.chain_group_id,
             env=job.env,
+            depends_on=self._dependencies_to_keep(job),
         )
-        return await self.enqueue(req)
+        try:
+            return await self.enqueue(req)
+        except ValidationError as exc:
+            if exc.field != "depends_on":
+                raise
+            raise ValidationError(
+                "depends_on",
+                f"job {job.id} depends on it: {exc.reason}; retry that job first, then "
+                "enqueue this one again depending on the new job",
+            ) from None
+
+    def _dependencies_to_keep(self, job: Job) -> list[str]:
+        """A retry waits for the same jobs as the original did (one that failed or was
+        cancelled makes the retry refused, saying so); those deleted since, by the
+        retention, had ended long ago and are left out."""
+        kept = []
+        for dep in job.depends_on:
+            try:
+                self.store.get(dep)
+            except NotFound:
+                continue
+            kept.append(dep)
+        return kept
 
     async def tail_log(self, params: p.TailParams) -> p.LogChunk:
         """The last `n` lines of a job's log, or what follows `offset` (waiting up to
@@ -419,15 +444,26 @@ class Api:
         self.watch.changed(changed)
         self.dispatcher.wake_for_enqueue({result.job.queue for result in results})
 
+    def _dependents_cancelled(self, job_ids: list[str]) -> None:
+        """Jobs cancelled because a job they depend on will never be DONE: told to
+        their waiters and logged, whatever ended that job (a failure, a cancel, ...)."""
+        try:
+            self.watch.changed(job_ids)
+            for job_id in job_ids:
+                self._log_state_change(self.store.get(job_id))
+        except Exception as exc:  # telling of it must never fail the commit's caller
+            log.error("job_change_not_announced", job_ids=job_ids, error=repr(exc), exc_info=True)
+
     def cancel(self, params: p.CancelParams) -> p.Cancelled:
         result = self.store.cancel(
             job_id=params.id, tag=params.tag, chain=params.chain, now=self.clock()
         )
-        self.watch.changed(result.cancelled + result.dependents_cancelled)
+        # (Its dependents cancelled with it are told by _dependents_cancelled.)
+        self.watch.changed(result.cancelled)
         for job_id in result.was_running:  # its process group is stopped; it stays CANCELLED
             was = self.store.get(job_id)
             self.dispatcher.stop_job(job_id, (was.queue, was.job_type, was.subject_key))
-        for job_id in result.cancelled + result.dependents_cancelled:
+        for job_id in result.cancelled:
             self._log_state_change(self.store.get(job_id))
         return p.Cancelled(
             cancelled=result.cancelled, dependents_cancelled=result.dependents_cancelled

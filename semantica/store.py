@@ -1372,6 +1372,12 @@ class Store:
         rows = self._db.execute(SQL_NEXT_CLAIM_MODE, args).fetchall()
         return domain.ExecutionMode(rows[0][0]) if rows else None
 
+    def on_dependents_cancelled(self, tell: Callable[[list[str]], None] | None) -> None:
+        """Call `tell(ids)` after each commit that cancelled jobs because a job they
+        depend on will never be DONE (it failed, was cancelled, superseded or expired),
+        whichever call did it: so that their waiters and the log hear of it."""
+        self._tx.on_dependents = tell
+
     def transaction(self) -> _Transaction:
         """`with store.transaction():` makes the store calls inside one transaction
         (each call's own becomes a savepoint): one commit for several changes."""
@@ -1628,7 +1634,9 @@ class Store:
         if not self._db.execute(SQL_HAS_DEPENDENTS, (encoded,)).fetchall()[0][0]:
             return []
         rows = self._db.execute(SQL_CANCEL_DEPENDENTS, {"ids": encoded, "now": now})
-        return [r[0] for r in rows]
+        cancelled = [r[0] for r in rows]
+        self._tx.dependents += cancelled  # told once committed (see on_dependents_cancelled)
+        return cancelled
 
     def expire_overdue(self, *, now: int) -> list[str]:
         """Mark QUEUED jobs whose ttl has passed EXPIRED; return their ids."""
@@ -1894,22 +1902,36 @@ class _Transaction:
     """`with db:` that counts commits and turns storage failures into StorageUnavailable
     (SPEC error 5003). Reused: one per store."""
 
-    __slots__ = ("_db", "after_commit", "commits")
+    __slots__ = ("_db", "_marks", "after_commit", "commits", "dependents", "on_dependents")
 
     def __init__(self, db: apsw.Connection) -> None:
         self._db = db
         self.commits = 0
         # Run once after the next commit; set by the WAL hook (checkpoint_elsewhere).
         self.after_commit: Callable[[], None] | None = None
+        # Jobs cancelled because what they depend on will never be DONE, in this
+        # transaction; told to `on_dependents` once it commits (dropped if the part
+        # that cancelled them rolls back).
+        self.dependents: list[str] = []
+        self._marks: list[int] = []
+        self.on_dependents: Callable[[list[str]], None] | None = None
 
     def __enter__(self) -> None:
         self._db.__enter__()
+        self._marks.append(len(self.dependents))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        mark = self._marks.pop()
+        if exc is not None:
+            del self.dependents[mark:]
         try:
             self._db.__exit__(exc_type, exc, tb)
         except (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CantOpenError) as err:
+            del self.dependents[mark:]
             raise StorageUnavailable(_storage_advice(err, self._db.system_errno)) from err
+        except BaseException:
+            del self.dependents[mark:]
+            raise
         if isinstance(exc, apsw.FullError | apsw.ReadOnlyError | apsw.IOError | apsw.CantOpenError):
             raise StorageUnavailable(_storage_advice(exc, self._db.system_errno)) from exc
         if exc is None and not self._db.in_transaction:  # a commit, not a savepoint's release
@@ -1917,6 +1939,10 @@ class _Transaction:
             if (run := self.after_commit) is not None:
                 self.after_commit = None
                 run()
+            if self.dependents:
+                dependents, self.dependents = self.dependents, []
+                if (tell := self.on_dependents) is not None:
+                    tell(dependents)
         return False
 
 

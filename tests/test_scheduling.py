@@ -193,6 +193,55 @@ def test_a_three_level_chain_fails_transitively_and_cycles_cannot_be_named(clien
         client.enqueue(job_type="noop", depends_on=["01a00000-0000-7000-8000-000000000000"])
 
 
+def test_a_dependent_cancelled_by_a_failure_wakes_its_waiter_and_is_logged(daemon, client):
+    client.pause("dep-wake")
+    root = client.enqueue(job_type="fail", queue="dep-wake", payload={"mode": "permanent"})
+    leaf = client.enqueue(job_type="noop", queue="dep-wake", depends_on=[root.id])
+    client.resume("dep-wake")
+    began = time.monotonic()
+    ended = client.wait(leaf.id, timeout_ms=30_000)  # woken by the cancel, not the timeout
+    assert ended.state is State.CANCELLED and ended.error_kind == "dependency_failed"
+    assert time.monotonic() - began < 15
+    logged = [
+        json.loads(line)
+        for line in daemon.log().splitlines()
+        if leaf.id in line and "job_state_changed" in line
+    ]
+    assert [(e["state"], e.get("error_kind")) for e in logged] == [
+        ("CANCELLED", "dependency_failed")
+    ]
+
+
+def test_a_retry_waits_for_the_same_dependencies(client):
+    # A job cancelled because its dependency failed is not retried without it: the
+    # retry is refused, saying what to do; nothing is enqueued.
+    client.pause("retry-deps")
+    root = client.enqueue(job_type="fail", queue="retry-deps", payload={"mode": "permanent"})
+    leaf = client.enqueue(job_type="noop", queue="retry-deps", depends_on=[root.id])
+    client.resume("retry-deps")
+    assert client.wait(leaf.id, timeout_ms=10_000).error_kind == "dependency_failed"
+    before = client.stats().jobs_by_state
+    with pytest.raises(semantica.ValidationFailed) as info:
+        client.retry(leaf.id)
+    assert f"job {root.id} already ended FAILED" in str(info.value)
+    assert "retry that job first" in str(info.value)
+    assert info.value.data["field"] == "depends_on"
+    assert client.stats().jobs_by_state == before
+    # With a dependency that is DONE, the retry keeps it and runs.
+    client.pause("retry-deps")
+    done = client.enqueue(job_type="noop", queue="retry-deps")
+    gate = client.enqueue(job_type="sleep", queue="retry-deps", payload={"seconds": 30})
+    waits = client.enqueue(job_type="noop", queue="retry-deps", depends_on=[done.id, gate.id])
+    client.resume("retry-deps")
+    assert client.wait(done.id, timeout_ms=10_000).state is State.DONE
+    client.cancel(waits.id)
+    again = client.retry(waits.id)
+    assert again.depends_on == [done.id, gate.id]
+    assert client.get(again.id).waiting_reason.startswith(f"waiting for dependency {gate.id}")
+    client.cancel(gate.id)
+    assert client.wait(again.id, timeout_ms=10_000).error_kind == "dependency_failed"
+
+
 def write_conditions(path: Path, **conditions: bool) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(conditions))

@@ -197,7 +197,12 @@ class Api:
         self.runners = installed_runners()
         self.committer = GroupCommitter(store, clock, self.metrics)
         self.committer.on_committed = self._after_enqueue
-        store.on_dependents_cancelled(self._dependents_cancelled)
+        # Jobs cancelled because a job they depend on will never be DONE: collected at
+        # each commit, told after the job that doomed them (by cancel, an enqueue's
+        # supersede, or the dispatcher with the end it records).
+        self._dependents: list[str] = []
+        store.on_dependents_cancelled(self._dependents.extend)
+        self.dispatcher.cancelled_dependents = self.take_dependents
         self.wal_sync = WalSync(store)
         if store.needs_sync:  # how attempts ended is announced once it is on disk
             self.dispatcher.durable = functools.partial(self.wal_sync.durable, off_loop=True)
@@ -222,6 +227,7 @@ class Api:
 
         A method that writes replies only once its write is on disk (WalSync).
         """
+        self.tell_dependents()  # any left from a commit that told nobody (none is expected)
         try:
             result = await self._dispatch(method, params)
             if method in WRITING_METHODS:
@@ -351,8 +357,9 @@ class Api:
                 raise
             raise ValidationError(
                 "depends_on",
-                f"job {job.id} depends on it: {exc.reason}; retry that job first, then "
-                "enqueue this one again depending on the new job",
+                f"cannot retry job {job.id}: {exc.reason}. Retry "
+                "that job first (and so on up its chain), then enqueue this job again "
+                "with depends_on naming the new jobs",
             ) from None
 
     def _dependencies_to_keep(self, job: Job) -> list[str]:
@@ -442,11 +449,21 @@ class Api:
                 self._log_state_change(was, superseded_by=job.id)
             changed += superseded
         self.watch.changed(changed)
+        self.tell_dependents()  # after the jobs whose supersede cancelled them
         self.dispatcher.wake_for_enqueue({result.job.queue for result in results})
 
+    def take_dependents(self) -> list[str]:
+        """The jobs cancelled for their dependencies since the last call."""
+        taken = list(self._dependents)
+        self._dependents.clear()
+        return taken
+
+    def tell_dependents(self) -> None:
+        """Tell the waiters and the log of the jobs cancelled for their dependencies."""
+        if job_ids := self.take_dependents():
+            self._dependents_cancelled(job_ids)
+
     def _dependents_cancelled(self, job_ids: list[str]) -> None:
-        """Jobs cancelled because a job they depend on will never be DONE: told to
-        their waiters and logged, whatever ended that job (a failure, a cancel, ...)."""
         try:
             self.watch.changed(job_ids)
             for job_id in job_ids:
@@ -465,6 +482,7 @@ class Api:
             self.dispatcher.stop_job(job_id, (was.queue, was.job_type, was.subject_key))
         for job_id in result.cancelled:
             self._log_state_change(self.store.get(job_id))
+        self.tell_dependents()  # after the jobs whose cancel cancelled them
         return p.Cancelled(
             cancelled=result.cancelled, dependents_cancelled=result.dependents_cancelled
         )

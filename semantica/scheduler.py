@@ -95,6 +95,9 @@ class Dispatcher:
         self._announce = trio.Event()
         # Awaited before announcing ended jobs (the daemon's group fsync), if set.
         self.durable: Callable[[], Awaitable[None]] | None = None
+        # The jobs the store cancelled since the last call because a job they depend
+        # on will never be DONE (set by the API): told after that job.
+        self.cancelled_dependents: Callable[[], list[str]] = list
         self._caught_up = False
         self._failures = 0
         self._idle_admitted_at = -SAMPLE_EVERY_MS
@@ -217,6 +220,7 @@ class Dispatcher:
         """What happened while no daemon ran: expiries, and the due times to wait for."""
         for job_id in self.store.expire_overdue(now=self.clock()):
             self.on_job_changed(self.store.get(job_id))
+        self._tell_dependents()
         for when in self.store.next_due_times(now=self.clock()):
             self.due_at(when)
         self._caught_up = True
@@ -260,6 +264,7 @@ class Dispatcher:
                     heapq.heappush(self._due, when)
             for job_id in self.store.expire_overdue(now=now):  # only when something is due
                 self.on_job_changed(self.store.get(job_id))
+            self._tell_dependents()
         claiming = self._may_claim()
         if not claiming and not self._finishing:
             return
@@ -474,8 +479,7 @@ class Dispatcher:
                     "job_end_not_recordable",
                     job_id=e.job.id,
                     error=repr(again),
-                    advice="marked FAILED without the usual rules (its dependents are not "
-                    "cancelled); please report it",
+                    advice="marked FAILED without the usual rules (no retry); please report it",
                 )
                 if self.store.fail_running(e.job.id, message, now=now):
                     with contextlib.suppress(Exception):  # told, if it can be read
@@ -494,6 +498,17 @@ class Dispatcher:
             if e.late:
                 log.event("job_finish_recorded_late", job_id=e.job.id, state=end[0].state.value)
             self._after_finish(*end)
+        # Told with (after) the ends that cancelled them, once those are on disk.
+        for job_id in self.cancelled_dependents():
+            with contextlib.suppress(NotFound):
+                self._to_announce.append((self.store.get(job_id), True))
+                self._announce.set()
+
+    def _tell_dependents(self) -> None:
+        """Tell now the jobs cancelled for their dependencies by what was just told."""
+        for job_id in self.cancelled_dependents():
+            with contextlib.suppress(NotFound):
+                self._tell(self.store.get(job_id))
 
     def _after_finish(self, ended: Job, changed: bool) -> None:
         self._look_everywhere = True  # its worker slot, and maybe its key, are free now
@@ -600,6 +615,7 @@ class Dispatcher:
             log.event("job_requeued", job_id=job.id, reason="daemon stopping")
         if ended.state is not State.CANCELLED:  # else the cancel told of it already
             self._tell(ended)
+        self._tell_dependents()
         self._trace_end(ended)
 
     async def drain(self, grace_s: float) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import apsw
 import msgspec
 
-from semantica import domain
+from semantica import domain, log
 from semantica.domain import (
     EnqueueRequest,
     Job,
@@ -1017,6 +1017,7 @@ class Store:
                         outcomes.append(self._enqueue_group(group, payloads, now))
                         continue
                     self._flush_inserts()  # earlier groups' rows stay out of this savepoint
+                    cancelled_before = len(self._tx.dependents)
                     try:
                         with contextlib.nullcontext() if alone else self._db:  # savepoint
                             outcomes.append(self._enqueue_group(group, payloads, now))
@@ -1024,6 +1025,7 @@ class Store:
                     except ValidationError as exc:
                         self._pending_inserts.clear()  # rows of the group rolled back
                         self._pending_keys.clear()
+                        del self._tx.dependents[cancelled_before:]  # and its cancels
                         if alone:
                             raise
                         outcomes.append(exc)
@@ -1416,7 +1418,14 @@ class Store:
                 " WHERE id = ? AND state = 'RUNNING'",
                 (now, message, job_id),
             )
-            return self._db.changes() == 1
+            if self._db.changes() != 1:
+                return False
+            try:  # what depends on it can never run (SPEC §3), if that can be recorded
+                with self._tx:
+                    self._cancel_dependents([job_id], now)
+            except Exception as exc:
+                log.error("dependents_not_cancelled", job_id=job_id, error=repr(exc))
+            return True
 
     def set_progress(self, job_id: str, fraction: float, message: str | None) -> None:
         """Store a running job's progress (0.0-1.0) and message; ignored once it ended."""
@@ -1942,7 +1951,10 @@ class _Transaction:
             if self.dependents:
                 dependents, self.dependents = self.dependents, []
                 if (tell := self.on_dependents) is not None:
-                    tell(dependents)
+                    try:  # committed: nothing may make it look as if it were not
+                        tell(dependents)
+                    except Exception as err:
+                        log.error("job_change_not_announced", job_ids=dependents, error=repr(err))
         return False
 
 

@@ -202,14 +202,25 @@ def test_a_dependent_cancelled_by_a_failure_wakes_its_waiter_and_is_logged(daemo
     ended = client.wait(leaf.id, timeout_ms=30_000)  # woken by the cancel, not the timeout
     assert ended.state is State.CANCELLED and ended.error_kind == "dependency_failed"
     assert time.monotonic() - began < 15
-    logged = [
-        json.loads(line)
-        for line in daemon.log().splitlines()
-        if leaf.id in line and "job_state_changed" in line
+    changes = [
+        json.loads(line) for line in daemon.log().splitlines() if "job_state_changed" in line
     ]
-    assert [(e["state"], e.get("error_kind")) for e in logged] == [
-        ("CANCELLED", "dependency_failed")
-    ]
+    logged = [(e["state"], e.get("error_kind")) for e in changes if e["job_id"] == leaf.id]
+    assert logged == [("CANCELLED", "dependency_failed")]
+    order = [e["job_id"] for e in changes if e["job_id"] in (root.id, leaf.id)]
+    assert order[-2:] == [root.id, leaf.id]  # the cause's end first, then what it doomed
+    # A user's cancel: the cancelled job is logged before its dependent.
+    client.pause("dep-wake")
+    cause = client.enqueue(job_type="noop", queue="dep-wake")
+    doomed = client.enqueue(job_type="noop", queue="dep-wake", depends_on=[cause.id])
+    assert client.cancel(cause.id).dependents_cancelled == [doomed.id]
+    lines = daemon.log().splitlines()
+    at = {
+        job_id: max(i for i, line in enumerate(lines) if job_id in line and "CANCELLED" in line)
+        for job_id in (cause.id, doomed.id)
+    }
+    assert at[cause.id] < at[doomed.id]
+    client.resume("dep-wake")
 
 
 def test_a_retry_waits_for_the_same_dependencies(client):
@@ -224,7 +235,8 @@ def test_a_retry_waits_for_the_same_dependencies(client):
     with pytest.raises(semantica.ValidationFailed) as info:
         client.retry(leaf.id)
     assert f"job {root.id} already ended FAILED" in str(info.value)
-    assert "retry that job first" in str(info.value)
+    assert f"cannot retry job {leaf.id}: job {root.id} already ended FAILED" in str(info.value)
+    assert "Retry that job first" in str(info.value)
     assert info.value.data["field"] == "depends_on"
     assert client.stats().jobs_by_state == before
     # With a dependency that is DONE, the retry keeps it and runs.

@@ -953,3 +953,43 @@ def test_the_end_of_a_job_deleted_while_it_ran_is_not_found(store):
     store.delete_jobs([job.id])  # maintenance, with a retention of 0 days
     with pytest.raises(NotFound):
         store.record_end(job.id, Outcome(), now=NOW + 2, rng=random.Random(0), claimed=job)
+
+
+def test_dependents_are_told_once_committed_and_not_when_rolled_back(store):
+    from semantica.store import EnqueueGroup
+
+    told: list[list[str]] = []
+    store.on_dependents_cancelled(told.append)
+    store.set_queue_paused("held", True, now=NOW)
+    a = store.enqueue(EnqueueRequest(job_type="noop", subject_key="k", queue="held"), now=NOW)
+    b = store.enqueue(EnqueueRequest(job_type="noop", depends_on=[a.job.id], queue="held"), now=NOW)
+    # A group commit whose second group supersedes `a` and then fails: rolled back,
+    # `b` stays QUEUED, and nothing is told of it.
+    out = store.enqueue_groups(
+        [
+            EnqueueGroup([EnqueueRequest(job_type="noop", queue="held")], batch=False),
+            EnqueueGroup(
+                [
+                    EnqueueRequest(job_type="noop", subject_key="k", queue="held"),
+                    EnqueueRequest(job_type="noop", depends_on=["nope"]),
+                ],
+                batch=True,
+            ),
+        ],
+        now=NOW,
+    )
+    assert isinstance(out[1], ValidationError)
+    assert store.get(b.job.id).state is State.QUEUED and told == []
+    # A cancel that commits: told once, after the commit.
+    store.cancel(job_id=a.job.id, now=NOW)
+    assert told == [[b.job.id]] and store.get(b.job.id).state is State.CANCELLED
+    # A claimed job that the last-resort path marks FAILED dooms its dependents too.
+    c = store.enqueue(EnqueueRequest(job_type="noop", queue="run"), now=NOW)
+    store.set_queue_paused("later", True, now=NOW)
+    d = store.enqueue(
+        EnqueueRequest(job_type="noop", depends_on=[c.job.id], queue="later"), now=NOW
+    )
+    assert claim(store).id == c.job.id
+    assert store.fail_running(c.job.id, "could not record", now=NOW + 1)
+    assert store.get(d.job.id).error_kind == "dependency_failed"
+    assert told[-1] == [d.job.id]

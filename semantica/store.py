@@ -1071,10 +1071,20 @@ class Store:
         for queue in fresh:
             self._db.execute(SQL_ENSURE_QUEUE, (queue, now))
         known, self._known_queues = self._known_queues, self._known_queues | fresh
+        cancelled_before = len(self._tx.dependents)
         try:
-            return self._enqueue_many(reqs, payloads, now)
+            results = self._enqueue_many(reqs, payloads, now)
         finally:
             self._known_queues = known
+        if doomed := set(self._tx.dependents[cancelled_before:]):
+            # A job of the batch that a later one doomed (it superseded what the job
+            # depends on): the reply shows it as the batch left it, CANCELLED.
+            self._flush_inserts()
+            results = [
+                msgspec.structs.replace(r, job=self._get(r.job.id)) if r.job.id in doomed else r
+                for r in results
+            ]
+        return results
 
     def _enqueue_many(
         self, reqs: Sequence[EnqueueRequest], payloads: list[bytes], now: int

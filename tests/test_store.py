@@ -993,3 +993,19 @@ def test_dependents_are_told_once_committed_and_not_when_rolled_back(store):
     assert store.fail_running(c.job.id, "could not record", now=NOW + 1)
     assert store.get(d.job.id).error_kind == "dependency_failed"
     assert told[-1] == [d.job.id]
+
+
+def test_a_batch_reply_shows_a_job_the_batch_doomed_as_cancelled(store):
+    store.set_queue_paused("held", True, now=NOW)
+    old = store.enqueue(EnqueueRequest(job_type="noop", subject_key="kk", queue="held"), now=NOW)
+    doomed, newer = store.enqueue_batch(
+        [
+            EnqueueRequest(job_type="noop", queue="held", depends_on=[old.job.id]),
+            EnqueueRequest(job_type="noop", subject_key="kk", queue="held"),
+        ],
+        now=NOW + 1,
+    )
+    assert store.get(old.job.id).state is State.SUPERSEDED
+    assert doomed.job.state is State.CANCELLED and doomed.job.error_kind == "dependency_failed"
+    assert doomed.job == store.get(doomed.job.id)
+    assert newer.job.state is State.QUEUED

@@ -197,12 +197,6 @@ class Api:
         self.runners = installed_runners()
         self.committer = GroupCommitter(store, clock, self.metrics)
         self.committer.on_committed = self._after_enqueue
-        # Jobs cancelled because a job they depend on will never be DONE: collected at
-        # each commit, told after the job that doomed them (by cancel, an enqueue's
-        # supersede, or the dispatcher with the end it records).
-        self._dependents: list[str] = []
-        store.on_dependents_cancelled(self._dependents.extend)
-        self.dispatcher.cancelled_dependents = self.take_dependents
         self.wal_sync = WalSync(store)
         if store.needs_sync:  # how attempts ended is announced once it is on disk
             self.dispatcher.durable = functools.partial(self.wal_sync.durable, off_loop=True)
@@ -227,7 +221,7 @@ class Api:
 
         A method that writes replies only once its write is on disk (WalSync).
         """
-        self.tell_dependents()  # any left from a commit that told nobody (none is expected)
+        self.dispatcher.tell_dependents()  # left by a commit that told nobody (none expected)
         try:
             result = await self._dispatch(method, params)
             if method in WRITING_METHODS:
@@ -449,40 +443,20 @@ class Api:
                 self._log_state_change(was, superseded_by=job.id)
             changed += superseded
         self.watch.changed(changed)
-        self.tell_dependents()  # after the jobs whose supersede cancelled them
+        self.dispatcher.tell_dependents()  # after the jobs whose supersede cancelled them
         self.dispatcher.wake_for_enqueue({result.job.queue for result in results})
-
-    def take_dependents(self) -> list[str]:
-        """The jobs cancelled for their dependencies since the last call."""
-        taken = list(self._dependents)
-        self._dependents.clear()
-        return taken
-
-    def tell_dependents(self) -> None:
-        """Tell the waiters and the log of the jobs cancelled for their dependencies."""
-        if job_ids := self.take_dependents():
-            self._dependents_cancelled(job_ids)
-
-    def _dependents_cancelled(self, job_ids: list[str]) -> None:
-        try:
-            self.watch.changed(job_ids)
-            for job_id in job_ids:
-                self._log_state_change(self.store.get(job_id))
-        except Exception as exc:  # telling of it must never fail the commit's caller
-            log.error("job_change_not_announced", job_ids=job_ids, error=repr(exc), exc_info=True)
 
     def cancel(self, params: p.CancelParams) -> p.Cancelled:
         result = self.store.cancel(
             job_id=params.id, tag=params.tag, chain=params.chain, now=self.clock()
         )
-        # (Its dependents cancelled with it are told by _dependents_cancelled.)
-        self.watch.changed(result.cancelled)
+        self.watch.changed(result.cancelled)  # (its dependents: below)
         for job_id in result.was_running:  # its process group is stopped; it stays CANCELLED
             was = self.store.get(job_id)
             self.dispatcher.stop_job(job_id, (was.queue, was.job_type, was.subject_key))
         for job_id in result.cancelled:
             self._log_state_change(self.store.get(job_id))
-        self.tell_dependents()  # after the jobs whose cancel cancelled them
+        self.dispatcher.tell_dependents()  # after the jobs whose cancel cancelled them
         return p.Cancelled(
             cancelled=result.cancelled, dependents_cancelled=result.dependents_cancelled
         )
@@ -525,7 +499,7 @@ class Api:
                 cpu_idle=offered.cpu_idle and self.dispatcher.admits_idle_gated(now),
                 on_ac_power=offered.on_ac_power,
             )
-        starting = self.dispatcher.runner_starting(job.execution_mode)
+        starting = self.launcher.runner_starting(job.execution_mode)
         if starting is not None:
             facts = msgspec.structs.replace(facts, runner_starting=starting)
         return msgspec.structs.replace(job, waiting_reason=waiting_reason(job, facts, now))

@@ -293,7 +293,7 @@ async def serve(cfg: Config) -> None:
         )
         for job in api.dispatcher.recover():  # runners of a crashed daemon: before serving
             api.job_changed(job)
-        api.tell_dependents()  # what those that failed for good doomed
+        api.dispatcher.tell_dependents()  # what those that failed for good doomed
         limits = Limits(
             max_message_bytes=cfg.max_message_bytes,
             max_connections=cfg.max_connections,

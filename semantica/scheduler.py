@@ -95,9 +95,11 @@ class Dispatcher:
         self._announce = trio.Event()
         # Awaited before announcing ended jobs (the daemon's group fsync), if set.
         self.durable: Callable[[], Awaitable[None]] | None = None
-        # The jobs the store cancelled since the last call because a job they depend
-        # on will never be DONE (set by the API): told after that job.
-        self.cancelled_dependents: Callable[[], list[str]] = list
+        # Jobs the store cancelled because a job they depend on will never be DONE,
+        # collected at each commit, to be told after the job that doomed them (by
+        # whoever tells of that job: the API's cancel or enqueue, or this dispatcher).
+        self._dependents: list[str] = []
+        store.on_dependents_cancelled(self._dependents.extend)
         self._caught_up = False
         self._failures = 0
         self._idle_admitted_at = -SAMPLE_EVERY_MS
@@ -220,7 +222,7 @@ class Dispatcher:
         """What happened while no daemon ran: expiries, and the due times to wait for."""
         for job_id in self.store.expire_overdue(now=self.clock()):
             self.on_job_changed(self.store.get(job_id))
-        self._tell_dependents()
+        self.tell_dependents()
         for when in self.store.next_due_times(now=self.clock()):
             self.due_at(when)
         self._caught_up = True
@@ -264,7 +266,7 @@ class Dispatcher:
                     heapq.heappush(self._due, when)
             for job_id in self.store.expire_overdue(now=now):  # only when something is due
                 self.on_job_changed(self.store.get(job_id))
-            self._tell_dependents()
+            self.tell_dependents()
         claiming = self._may_claim()
         if not claiming and not self._finishing:
             return
@@ -407,10 +409,6 @@ class Dispatcher:
         if mode in waiting:
             self.launcher.get_runner_ready(mode, jobs, self.wake)
 
-    def runner_starting(self, mode: ExecutionMode) -> str | None:
-        """What a ready job of `mode` waits for while its process is got ready."""
-        return self.launcher.runner_starting(mode)
-
     def _start(self, jobs: trio.Nursery, job: Job, worker: WarmWorker | None, now: int) -> None:
         self.start_latency.observe(max(0, now - max(job.created_at, job.run_after)))
         self._running[job.id] = trio.CancelScope()
@@ -499,16 +497,21 @@ class Dispatcher:
                 log.event("job_finish_recorded_late", job_id=e.job.id, state=end[0].state.value)
             self._after_finish(*end)
         # Told with (after) the ends that cancelled them, once those are on disk.
-        for job_id in self.cancelled_dependents():
+        for job_id in self._take_dependents():
             with contextlib.suppress(NotFound):
                 self._to_announce.append((self.store.get(job_id), True))
                 self._announce.set()
 
-    def _tell_dependents(self) -> None:
+    def tell_dependents(self) -> None:
         """Tell now the jobs cancelled for their dependencies by what was just told."""
-        for job_id in self.cancelled_dependents():
+        for job_id in self._take_dependents():
             with contextlib.suppress(NotFound):
                 self._tell(self.store.get(job_id))
+
+    def _take_dependents(self) -> list[str]:
+        taken = list(self._dependents)
+        self._dependents.clear()
+        return taken
 
     def _after_finish(self, ended: Job, changed: bool) -> None:
         self._look_everywhere = True  # its worker slot, and maybe its key, are free now
@@ -615,7 +618,7 @@ class Dispatcher:
             log.event("job_requeued", job_id=job.id, reason="daemon stopping")
         if ended.state is not State.CANCELLED:  # else the cancel told of it already
             self._tell(ended)
-        self._tell_dependents()
+        self.tell_dependents()
         self._trace_end(ended)
 
     async def drain(self, grace_s: float) -> None:

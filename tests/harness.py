@@ -173,6 +173,13 @@ def start_daemon(
     return daemon
 
 
+def helper_module(tmp_path_factory, module: str, source: str) -> str:
+    """A directory holding `module`.py with `source`, for a `python` job's sys_path."""
+    root = tmp_path_factory.mktemp(module)
+    (root / f"{module}.py").write_text(source)
+    return str(root)
+
+
 def remove_home(home: Path) -> None:
     shutil.rmtree(home.parent, ignore_errors=True)
 

@@ -13,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from harness import live_group_members, remove_home, start_daemon
+from harness import helper_module, live_group_members, remove_home, start_daemon
 
 import semantica
 from semantica.domain import EnqueueRequest, State
@@ -68,9 +68,7 @@ def client(daemon):
 @pytest.fixture(scope="module")
 def helpers(tmp_path_factory):
     """The directory of the `exec_helpers` module, for a `python` job's sys_path."""
-    root = tmp_path_factory.mktemp("helpers")
-    (root / "exec_helpers.py").write_text(HELPERS_SOURCE)
-    return str(root)
+    return helper_module(tmp_path_factory, "exec_helpers", HELPERS_SOURCE)
 
 
 def wait_for_payload(helpers, path, **kwargs):

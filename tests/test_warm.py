@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from harness import remove_home, start_daemon
+from harness import helper_module, remove_home, start_daemon
 
 from semantica.domain import Job, State
 
@@ -64,9 +64,7 @@ HELPERS_SOURCE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def helpers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("warm-helpers")
-    (root / "warm_helpers.py").write_text(HELPERS_SOURCE)
-    return str(root)
+    return helper_module(tmp_path_factory, "warm_helpers", HELPERS_SOURCE)
 
 
 def helper(helpers, name, *args):

@@ -17,6 +17,7 @@ import pytest
 from harness import (
     Daemon,
     daemon_env,
+    helper_module,
     live_group_members,
     make_home,
     remove_home,
@@ -234,9 +235,7 @@ def limited(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "executable", str(as_nobody))  # what the harness starts
         d.start()
-    helpers = tmp_path_factory.mktemp("holder")
-    (helpers / "holder.py").write_text(HOLDER_SOURCE)
-    d.helpers = str(helpers)
+    d.helpers = helper_module(tmp_path_factory, "holder", HOLDER_SOURCE)
     yield d
     d.stop()
     remove_home(home)

@@ -1093,7 +1093,7 @@ class Zygote:
 
     def _has_free_spare(self) -> bool:
         self.read_ready()
-        return any(pid not in self._reserved for pid in self._spares)
+        return self._unreserved_spare() is not None
 
     def starting(self) -> str | None:
         """What a SUBPROCESS job waits for while its process is got ready, or None."""
@@ -1120,11 +1120,14 @@ class Zygote:
         return self._free_spare()
 
     def _free_spare(self) -> int | None:
-        for pid in self._spares:
-            if pid not in self._reserved:
-                self._reserved.add(pid)
-                return pid
-        return None
+        """Reserve a spare no claim has reserved, if there is one."""
+        pid = self._unreserved_spare()
+        if pid is not None:
+            self._reserved.add(pid)
+        return pid
+
+    def _unreserved_spare(self) -> int | None:
+        return next((pid for pid in self._spares if pid not in self._reserved), None)
 
     def child(
         self, pid: int, stdin: trio.lowlevel.FdStream | None, start_time: int | None = None

@@ -634,6 +634,18 @@ def _in_batch_supersedes(
     return plan
 
 
+def _ready_args(
+    now: int, conditions: Conditions, stopping_keys: Sequence[tuple[str, str, str]]
+) -> dict[str, Any]:
+    """The parameters of the claim's choice of the ready jobs (_SQL_CLAIM_HEADS)."""
+    return {
+        "now": now,
+        "cpu_idle": conditions.cpu_idle,
+        "on_ac_power": conditions.on_ac_power,
+        "stopping": _json_encode(stopping_keys).decode() if stopping_keys else "[]",
+    }
+
+
 def _as_stored_after(results: list[EnqueueResult], now: int) -> list[EnqueueResult]:
     """A batch's reply shows each job as the batch left it: one that a later job of the
     same batch superseded is SUPERSEDED (as `jobs.get.v1` would say), not QUEUED."""
@@ -1017,15 +1029,13 @@ class Store:
                         outcomes.append(self._enqueue_group(group, payloads, now))
                         continue
                     self._flush_inserts()  # earlier groups' rows stay out of this savepoint
-                    cancelled_before = len(self._tx.dependents)
                     try:
-                        with contextlib.nullcontext() if alone else self._db:  # savepoint
+                        with contextlib.nullcontext() if alone else self._tx:  # savepoint
                             outcomes.append(self._enqueue_group(group, payloads, now))
                             self._flush_inserts()
                     except ValidationError as exc:
                         self._pending_inserts.clear()  # rows of the group rolled back
                         self._pending_keys.clear()
-                        del self._tx.dependents[cancelled_before:]  # and its cancels
                         if alone:
                             raise
                         outcomes.append(exc)
@@ -1350,15 +1360,12 @@ class Store:
         pid, start_time = warm_runner if warm_runner is not None else (None, None)
         fresh_pid, fresh_start_time = fresh_runner if fresh_runner is not None else (None, None)
         args = {
-            "now": now,
+            **_ready_args(now, conditions, stopping_keys),
             "global_limit": global_limit,
-            "cpu_idle": conditions.cpu_idle,
-            "on_ac_power": conditions.on_ac_power,
             "warm_pid": pid,
             "warm_start_time": start_time,
             "fresh_pid": fresh_pid,
             "fresh_start_time": fresh_start_time,
-            "stopping": _json_encode(stopping_keys).decode() if stopping_keys else "[]",
             "claim_warm": claim_warm,
             "claim_subprocess": claim_subprocess,
         }
@@ -1375,12 +1382,7 @@ class Store:
     ) -> domain.ExecutionMode | None:
         """The execution mode of the job `claim_next_job` would take now if every kind
         of runner process were there (None: no job is ready): what to get ready."""
-        args = {
-            "now": now,
-            "cpu_idle": conditions.cpu_idle,
-            "on_ac_power": conditions.on_ac_power,
-            "stopping": _json_encode(stopping_keys).decode() if stopping_keys else "[]",
-        }
+        args = _ready_args(now, conditions, stopping_keys)
         rows = self._db.execute(SQL_NEXT_CLAIM_MODE, args).fetchall()
         return domain.ExecutionMode(rows[0][0]) if rows else None
 
@@ -1917,6 +1919,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_STORAGE_ERRORS = (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CantOpenError)
+
+
 class _Transaction:
     """`with db:` that counts commits and turns storage failures into StorageUnavailable
     (SPEC error 5003). Reused: one per store."""
@@ -1941,17 +1946,16 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         mark = self._marks.pop()
-        if exc is not None:
+        if exc is not None:  # rolled back: what it cancelled stays as it was
             del self.dependents[mark:]
         try:
             self._db.__exit__(exc_type, exc, tb)
-        except (apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CantOpenError) as err:
+        except BaseException as err:  # the commit failed: nothing of it stands
             del self.dependents[mark:]
-            raise StorageUnavailable(_storage_advice(err, self._db.system_errno)) from err
-        except BaseException:
-            del self.dependents[mark:]
+            if isinstance(err, _STORAGE_ERRORS):
+                raise StorageUnavailable(_storage_advice(err, self._db.system_errno)) from err
             raise
-        if isinstance(exc, apsw.FullError | apsw.ReadOnlyError | apsw.IOError | apsw.CantOpenError):
+        if isinstance(exc, _STORAGE_ERRORS):
             raise StorageUnavailable(_storage_advice(exc, self._db.system_errno)) from exc
         if exc is None and not self._db.in_transaction:  # a commit, not a savepoint's release
             self.commits += 1

@@ -50,6 +50,7 @@ KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL
 CHANNEL_DRAIN_S = 0.5  # after the runner exits, for its last message to be read
 START_TIME_SLACK_MS = 50  # a process start time is known to the clock tick (10 ms)
 MAX_RESULT_BYTES = 16 * 1024 * 1024
+READ_CHUNK = 65536  # bytes read from a runner's result channel at once
 
 _decode_message = msgspec.json.Decoder(Progress | Result).decode
 _encode = msgspec.json.Encoder().encode
@@ -157,13 +158,49 @@ class MessageReader:
                     on_progress(min(1.0, max(0.0, message.fraction)), message.message)
                 except Exception as exc:
                     log.warning("progress_not_recorded", error=str(exc))
-            data = await self.stream.receive_some(65536)
+            data = await _read_when_ready(self.stream)
             if not data:
                 return None
             self.buffer += data
             if len(self.buffer) > MAX_RESULT_BYTES:
                 log.warning("runner_channel_overflow")
                 return None
+
+
+async def _read_when_ready(stream: trio.lowlevel.FdStream) -> bytes:
+    """The next bytes of a runner's channel (b"" at its end), waiting for them first.
+
+    `FdStream.receive_some` yields once, then tries a read that finds nothing (the
+    runner has just been handed its job) and only then waits: a pass of the event
+    loop and two system calls more per job than this wait-then-read. Closing the
+    stream meanwhile ends the wait with ClosedResourceError, as it does there."""
+    fd = stream.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the channel was already closed")
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            continue  # woken without data (spurious): wait again
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+
+async def send_line(stream: trio.lowlevel.FdStream, data: bytes) -> None:
+    """Write to a runner's control channel straight away when the pipe takes it all
+    (the usual case: a job's line is small), else through trio for the rest.
+    `FdStream.send_all` yields to the scheduler before every write."""
+    if stream.fileno() < 0:
+        raise trio.ClosedResourceError("the channel was already closed")
+    try:
+        sent = os.write(stream.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(str(exc)) from exc
+    if sent < len(data):
+        await stream.send_all(memoryview(data)[sent:])
 
 
 class Launcher:
@@ -186,6 +223,9 @@ class Launcher:
         self.logs_dir = home / "logs"
         self.work_dir = home / "work"
         self.artifacts_root = home / "artifacts"
+        self._work_prefix = os.path.join(self.work_dir, "")
+        self._logs_prefix = os.path.join(self.logs_dir, "")
+        self._artifacts_prefix = os.path.join(self.artifacts_root, "")
         self.env_allowlist = env_allowlist
         self.limits = limits or SandboxLimits()
         self.daemon_env = dict(os.environ if daemon_env is None else daemon_env)
@@ -268,6 +308,15 @@ class Launcher:
     def artifacts_dir(self, job_id: str) -> Path:
         return self.artifacts_root / job_id
 
+    def _job_paths(self, job_id: str) -> tuple[str, str, str]:
+        """(working directory, log file, artifacts directory) of a job, as text: made
+        for every job, by joining strings rather than through pathlib."""
+        return (
+            f"{self._work_prefix}{job_id}",
+            f"{self._logs_prefix}{job_id}.log",
+            f"{self._artifacts_prefix}{job_id}",
+        )
+
     async def run(
         self,
         job: Job,
@@ -288,23 +337,23 @@ class Launcher:
         """
         try:
             self.make_tree()
-            cwd = self.work_dir / job.id
-            spec = self._spec(job, trace_id)
+            cwd, log_path, artifacts_dir = self._job_paths(job.id)
+            spec = self._spec(job, trace_id, artifacts_dir)
         except BaseException:
             if worker is not None:  # reserved for this job, which cannot run: back it goes
                 self.warm.give_back(worker)
             raise
         if job.execution_mode is ExecutionMode.WARM:
-            return await self.warm.run(job, spec, cwd, on_started, on_progress, worker)
-        return await self._run_fresh(job, spec, cwd, on_started, on_progress)
+            return await self.warm.run(job, spec, cwd, log_path, on_started, on_progress, worker)
+        return await self._run_fresh(job, spec, cwd, log_path, on_started, on_progress)
 
-    def _spec(self, job: Job, trace_id: str | None) -> RunSpec:
+    def _spec(self, job: Job, trace_id: str | None, artifacts_dir: str) -> RunSpec:
         return RunSpec(
             job_id=job.id,
             job_type=job.job_type,
             payload=job.payload,
             attempt=job.attempt,
-            artifacts_dir=str(self.artifacts_dir(job.id)),
+            artifacts_dir=artifacts_dir,
             deadline_ms=job.deadline_ms,
             trace_id=trace_id,
         )
@@ -313,7 +362,8 @@ class Launcher:
         self,
         job: Job,
         spec: RunSpec,
-        cwd: Path,
+        cwd: str,
+        log_path: str,
         on_started: Callable[[int, int], None],
         on_progress: Callable[[float, str | None], None],
     ) -> Outcome:
@@ -323,7 +373,6 @@ class Launcher:
         env.update(self._plugin_path())
         read_fd, write_fd = os.pipe()
         env["SEMANTICA_RESULT_FD"] = str(write_fd)
-        log_path = str(self.log_path(job.id))
         try:
             proc, unsent = await self._start_runner(
                 env, cwd, log_path, write_fd, _encode(spec), recorded=job.runner_pid
@@ -378,7 +427,7 @@ class Launcher:
     async def _start_runner(
         self,
         env: dict[str, str],
-        cwd: Path,
+        cwd: str,
         log_path: str,
         result_fd: int,
         spec: bytes,
@@ -695,7 +744,8 @@ class WarmPool:
         self,
         job: Job,
         spec: RunSpec,
-        cwd: Path,
+        cwd: str,
+        log_path: str,
         on_started: Callable[[int, int], None],
         on_progress: Callable[[float, str | None], None],
         worker: WarmWorker | None = None,
@@ -713,15 +763,15 @@ class WarmPool:
                 WarmJob(
                     spec=spec,
                     env=job.env,
-                    cwd=str(cwd),
-                    log_path=str(self.launcher.log_path(job.id)),
+                    cwd=cwd,
+                    log_path=log_path,
                     cpu_seconds=self.launcher.cpu_seconds(job),
                 )
             )
             assert worker.proc.stdin is not None
             # If it died meanwhile, the channel's EOF says so below.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await worker.proc.stdin.send_all(line + b"\n")
+                await send_line(worker.proc.stdin, line + b"\n")
             with trio.move_on_after(job.deadline_ms / 1000) as deadline:
                 result = await worker.reader.next_result(on_progress)
             deadline_hit = deadline.cancelled_caught
@@ -980,7 +1030,7 @@ class Zygote:
     async def spawn(
         self,
         env: dict[str, str],
-        cwd: Path,
+        cwd: str,
         log_path: str,
         rlimits: str,
         fds: tuple[int, int],
@@ -1001,7 +1051,7 @@ class Zygote:
             request = _encode(
                 {
                     "env": env,
-                    "cwd": str(cwd),
+                    "cwd": cwd,
                     "log_path": log_path,
                     "rlimits": rlimits,
                     "spare": spare,

@@ -742,6 +742,8 @@ class Store:
         self._wal_pages = 0  # WAL pages after the last commit (checkpoint_elsewhere)
         self._wal_threshold = self._wal_limit = self._wal_inline_at = 0
         self._checkpoints_inline = 0
+        # gated_waiting's answer, kept until a write could change it (None: ask).
+        self._gated: tuple[bool, bool] | None = None
 
     @classmethod
     def open(
@@ -1369,9 +1371,13 @@ class Store:
             "claim_warm": claim_warm,
             "claim_subprocess": claim_subprocess,
         }
-        with self._no_fsync(), self._writing():
+        with self._no_fsync(), self._tx:  # (see below for gated_waiting)
             rows = self._db.execute(SQL_CLAIM_NEXT_JOB, args).fetchall()
-        return _row_to_job(rows[0]) if rows else None
+        if not rows:
+            return None
+        job = _row_to_job(rows[0])
+        self._writing_ungated(job)  # a gated job is no longer QUEUED: ask again
+        return job
 
     def next_claim_mode(
         self,
@@ -1482,10 +1488,11 @@ class Store:
         it need not be read again (its attempt is the one meant); what can change
         since (a cancel, a supersede) is checked by the UPDATE itself.
         """
-        with self._writing():
-            if claimed is not None and claimed.state is State.RUNNING:
-                job = claimed
-                attempt = claimed.attempt
+        known = claimed if claimed is not None and claimed.state is State.RUNNING else None
+        with self._writing_ungated(known):
+            if known is not None:
+                job = known
+                attempt = known.attempt
             else:
                 job = self._get(job_id)
             if job.is_terminal or (attempt is not None and attempt != job.attempt):
@@ -1600,9 +1607,20 @@ class Store:
 
     def gated_waiting(self) -> tuple[bool, bool]:
         """Whether any QUEUED job waits for (CPU idle, AC power): the sensors are read
-        only while one does."""
+        only while one does.
+
+        Asked before every claim, so the answer is kept until a write could change it:
+        every write forgets it (`_writing`), except a claim or an end of a job that
+        waits on neither condition (`_writing_ungated`), the dispatcher's usual pair,
+        which cannot change which QUEUED jobs wait on one. An answer read inside a
+        transaction is not kept: it may yet be rolled back."""
+        if self._gated is not None:
+            return self._gated
         idle, charging = self._db.execute(SQL_GATED_WAITING).fetchall()[0]
-        return bool(idle), bool(charging)
+        answer = bool(idle), bool(charging)
+        if not self._db.in_transaction:  # kept only once committed: a rollback undoes
+            self._gated = answer
+        return answer
 
     # ----------------------------------------------------------------- cancel
 
@@ -1654,6 +1672,7 @@ class Store:
         # The recursive update is costly to plan and run; most jobs have no dependents.
         if not self._db.execute(SQL_HAS_DEPENDENTS, (encoded,)).fetchall()[0][0]:
             return []
+        self._gated = None  # a gated job may be among them
         rows = self._db.execute(SQL_CANCEL_DEPENDENTS, {"ids": encoded, "now": now})
         cancelled = [r[0] for r in rows]
         self._tx.dependents += cancelled  # told once committed (see on_dependents_cancelled)
@@ -1903,6 +1922,14 @@ class Store:
     # ----------------------------------------------------------------- helpers
 
     def _writing(self) -> _Transaction:
+        self._gated = None  # this write may add, queue again or end a gated job
+        return self._tx
+
+    def _writing_ungated(self, job: Job | None) -> _Transaction:
+        """`_writing` for a claim or end of `job`: one that waits on no condition
+        leaves gated_waiting's answer as it was (None: unknown job, forget it)."""
+        if job is None or job.wait_for_idle or job.require_charging:
+            self._gated = None
         return self._tx
 
 

@@ -365,6 +365,47 @@ def test_claim_checks_conditions(store):
     assert claim(store, conditions=Conditions(cpu_idle=True, on_ac_power=False)).id == idle.id
 
 
+def test_gated_waiting_follows_every_change_of_the_gated_jobs(store, rng):
+    """The answer is kept between writes that cannot change it (the claims and ends
+    of ungated jobs); every change to which QUEUED jobs wait on a condition shows."""
+    assert store.gated_waiting() == (False, False)
+    plain = enqueue(store).job
+    assert store.gated_waiting() == (False, False)
+    store.record_end(plain.id, Outcome(), now=NOW, rng=rng, claimed=claim(store))
+    assert store.gated_waiting() == (False, False)
+
+    idle = enqueue(store, wait_for_idle=True, max_attempts=2).job
+    assert store.gated_waiting() == (True, False)
+    running = claim(store)
+    assert running.id == idle.id and store.gated_waiting() == (False, False)
+    store.record_end(idle.id, fail(), now=NOW, rng=rng, claimed=running)  # back in line
+    assert store.gated_waiting() == (True, False)
+    store.cancel(job_id=idle.id, now=NOW)
+    assert store.gated_waiting() == (False, False)
+
+    # Cancelled because a dependency failed, by the end of an ungated job.
+    dep = enqueue(store, priority=9).job
+    enqueue(store, require_charging=True, depends_on=[dep.id])
+    assert store.gated_waiting() == (False, True)
+    failing = claim(store)
+    assert failing.id == dep.id
+    store.record_end(dep.id, fail(permanent=True), now=NOW, rng=rng, claimed=failing)
+    assert store.gated_waiting() == (False, False)
+
+    # A gated job stored in a transaction that rolls back was never there.
+    seen = []
+
+    def store_and_roll_back():
+        with store.transaction():
+            enqueue(store, wait_for_idle=True)
+            seen.append(store.gated_waiting())
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        store_and_roll_back()
+    assert seen == [(True, False)] and store.gated_waiting() == (False, False)
+
+
 def test_claim_waits_for_dependencies(store, rng):
     dep = enqueue(store, priority=-1).job
     child = enqueue(store, priority=5, depends_on=[dep.id]).job

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,10 @@ from semantica.store import (
 )
 from semantica.tracing import JobTracing
 
+# Methods whose reply waits for the WAL fsync (WalSync). Enqueues are not among
+# them: the group commit they share syncs before it wakes them (GroupCommitter).
 WRITING_METHODS = frozenset(
     {
-        "dev.enqueue.v1",
-        "dev.enqueue_batch.v1",
         "dev.cancel.v1",
         "queues.pause.v1",
         "queues.resume.v1",
@@ -98,14 +98,23 @@ class GroupCommitter:
     """Enqueues from many connections share one transaction.
 
     The first handler to arrive leads: it lets every handler that is already
-    runnable add its request, then commits them all in one transaction and wakes
-    each with its own outcome. Anything arriving later waits for the next leader.
+    runnable add its request, then commits them all in one transaction, waits
+    until that commit is on disk (`durable`, the group fsync), and wakes each with
+    its own outcome: one wake-up per request, not one for the commit and another
+    for the fsync. Anything arriving later waits for the next leader.
     """
 
-    def __init__(self, store: Store, clock: Callable[[], int], metrics: p.Counters) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], int],
+        metrics: p.Counters,
+        durable: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._metrics = metrics
+        self._durable = durable
         self._pending: list[_PendingEnqueue] = []
         self._leading = False
         self.on_committed: Callable[[list[EnqueueResult]], None] = lambda results: None
@@ -119,25 +128,50 @@ class GroupCommitter:
             await pending.done.wait()
         else:
             self._leading = True
+            batch: list[_PendingEnqueue] | None = None
             try:
-                if self.may_have_company():
-                    # Shielded: a leader cancelled here would strand the requests it carries.
-                    # Two turns: the handlers runnable now, then those whose requests the
-                    # next poll of the sockets finds, all join this commit.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                self.commit_pending()
+                # Shielded: a leader cancelled here would strand the requests it carries.
+                with trio.CancelScope(shield=True):
+                    if self.may_have_company():
+                        # Two turns: the handlers runnable now, then those whose requests
+                        # the next poll of the sockets finds, all join this commit.
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    batch = self.commit_pending()
+                    # Those arriving during the sync lead a commit of their own meanwhile
+                    # (so from here on, `_leading` is theirs, not to be reset below).
+                    self._leading = False
+                    await self._sync(batch)
             finally:
-                self._leading = False
+                if batch is None:  # nothing was committed: let the next one lead
+                    self._leading = False
+                for b in batch or ():
+                    b.done.set()
         if isinstance(pending.outcome, Exception):
             raise pending.outcome
         assert pending.outcome is not None
         return pending.outcome
 
-    def commit_pending(self) -> None:
+    async def _sync(self, batch: list[_PendingEnqueue]) -> None:
+        """Wait until what the batch stored is on disk; if the disk refuses the sync,
+        each handler is told so (its jobs are committed, not known to be durable)."""
+        if self._durable is None or all(isinstance(b.outcome, Exception) for b in batch):
+            return
+        try:
+            await self._durable()
+        except Exception as exc:  # StorageUnavailable (5003), or a bug: each is told
+            if not isinstance(exc, StoreError):
+                log.error("enqueue_sync_failed", error=repr(exc), exc_info=True)
+            for b in batch:
+                if not isinstance(b.outcome, Exception):
+                    b.outcome = exc
+
+    def commit_pending(self) -> list[_PendingEnqueue]:
+        """Store the waiting requests in one transaction (their handlers are woken by
+        the caller, once it is on disk)."""
         batch, self._pending = self._pending, []
         if not batch:
-            return
+            return batch
         try:
             outcomes = self._store.enqueue_groups([b.group for b in batch], now=self._clock())
         except StoreError as exc:
@@ -150,12 +184,12 @@ class GroupCommitter:
         stored: list[EnqueueResult] = []
         for pending, outcome in zip(batch, outcomes, strict=True):
             pending.outcome = outcome
-            pending.done.set()
             if not isinstance(outcome, Exception):
                 stored.extend(outcome)
         if stored:
             self._metrics.job_enqueue_total += len(stored)
             self.on_committed(stored)
+        return batch
 
 
 RETRYABLE_STATES = (State.FAILED, State.CANCELLED, State.EXPIRED)  # what jobs.retry.v1 takes
@@ -195,9 +229,11 @@ class Api:
             tracing=tracing,
         )
         self.runners = installed_runners()
-        self.committer = GroupCommitter(store, clock, self.metrics)
-        self.committer.on_committed = self._after_enqueue
         self.wal_sync = WalSync(store)
+        self.committer = GroupCommitter(
+            store, clock, self.metrics, durable=self.wal_sync.durable if store.needs_sync else None
+        )
+        self.committer.on_committed = self._after_enqueue
         if store.needs_sync:  # how attempts ended is announced once it is on disk
             self.dispatcher.durable = functools.partial(self.wal_sync.durable, off_loop=True)
         self.checkpointer = Checkpointer(store)

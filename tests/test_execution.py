@@ -573,6 +573,24 @@ def test_a_process_start_time_is_psutils_even_when_its_name_has_parentheses(tmp_
     assert process_start_time(proc.pid) is None
 
 
+def test_the_boot_time_is_psutils_computed_or_read(monkeypatch):
+    """Computed from two clocks instead of reading /proc/stat, it must still be the
+    btime psutil reads; where the computation is not trusted, psutil is asked."""
+    from semantica import launcher
+
+    monkeypatch.setattr(launcher, "_boot_time_checked", None)
+    assert launcher.boot_time() == psutil.boot_time()
+    assert launcher.boot_time() == psutil.boot_time()  # the computed one, once checked
+
+    # A kernel whose btime the clocks do not give: psutil's answer, every time.
+    monkeypatch.setattr(launcher, "_boot_time_checked", None)
+    other = psutil.boot_time() + 7
+    monkeypatch.setattr(psutil, "boot_time", lambda: other)
+    assert launcher.boot_time() == other
+    assert launcher._boot_time_checked is False
+    assert launcher.boot_time() == other
+
+
 def test_sigterm_requeues_running_jobs_after_the_grace():
     d = start_daemon()
     try:

@@ -59,6 +59,8 @@ WRITING_METHODS = frozenset(
     }
 )
 LOG_FOLLOW_CHECK_S = 0.2
+COMMIT_GATHER_MIN_TURNS = 3  # loop turns a group commit waits for requests to join it
+COMMIT_GATHER_MAX_TURNS = 6  # ... and at most, while each turn brings more
 LOG_TAIL_MAX_LINES = joblog.TAIL_MAX_LINES
 
 
@@ -133,10 +135,7 @@ class GroupCommitter:
                 # Shielded: a leader cancelled here would strand the requests it carries.
                 with trio.CancelScope(shield=True):
                     if self.may_have_company():
-                        # Two turns: the handlers runnable now, then those whose requests
-                        # the next poll of the sockets finds, all join this commit.
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        await self._gather()
                     batch = self.commit_pending()
                     # Those arriving during the sync lead a commit of their own meanwhile
                     # (so from here on, `_leading` is theirs, not to be reset below).
@@ -151,6 +150,20 @@ class GroupCommitter:
             raise pending.outcome
         assert pending.outcome is not None
         return pending.outcome
+
+    async def _gather(self) -> None:
+        """Turns of the event loop before the commit, so that it carries more
+        requests: COMMIT_GATHER_MIN_TURNS (the handlers runnable now, then those whose
+        requests the next polls of the sockets find), then on while a turn brings
+        more, up to COMMIT_GATHER_MAX_TURNS. Eight clients at synchronous=FULL went
+        from 6.3-6.8 to 7.9 jobs per commit (two turns before)."""
+        for _ in range(COMMIT_GATHER_MIN_TURNS):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        for _ in range(COMMIT_GATHER_MAX_TURNS - COMMIT_GATHER_MIN_TURNS):
+            before = len(self._pending)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if len(self._pending) == before:
+                return
 
     async def _sync(self, batch: list[_PendingEnqueue]) -> None:
         """Wait until what the batch stored is on disk; if the disk refuses the sync,

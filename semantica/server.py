@@ -33,6 +33,9 @@ from semantica import protocol as p
 from semantica.api import Api
 
 READ_CHUNK = 65536
+# A connection answered this recently may send again soon (see Server._has_company).
+COMPANY_WINDOW_S = 0.002
+COMPANY_SCAN_MAX = 16
 CLOSE_DRAIN_S = 0.1  # how long a refused or evicted client may still be sending
 HTTP_HEADER_LIMIT = 64 * 1024
 
@@ -199,7 +202,24 @@ class Server:
         api.committer.may_have_company = api.wal_sync.may_have_company = self._has_company
 
     def _has_company(self) -> bool:
-        return len(self.conns) > 1
+        """Whether another client could join this commit: one with a request under
+        way, or answered within COMPANY_WINDOW_S (a busy client, about to send its
+        next). An idle connection (a tool's, left open) cannot, and waiting loop
+        turns for it would slow a lone client. Past COMPANY_SCAN_MAX connections
+        company is assumed rather than looked for: the look is per request."""
+        conns = self.conns
+        if len(conns) < 2:
+            return False
+        if len(conns) > COMPANY_SCAN_MAX:
+            return True
+        now = time.monotonic()
+        active = 0
+        for conn in conns:  # the caller's own connection is one of the active
+            if conn.idle_since is None or now - conn.idle_since < COMPANY_WINDOW_S:
+                active += 1
+                if active > 1:
+                    return True
+        return False
 
     async def serve(
         self,

@@ -273,12 +273,7 @@ class Dispatcher:
         offered = ALL_CONDITIONS
         wants_idle = wants_power = False
         if claiming:
-            # The sensors are read only while some queued job waits on them.
-            wants_idle, wants_power = self.store.gated_waiting()
-            if wants_idle or wants_power:
-                offered = self.conditions()
-            if offered.cpu_idle and not self.admits_idle_gated(now):
-                offered = msgspec.structs.replace(offered, cpu_idle=False)
+            offered, wants_idle, wants_power = self._offered(now)
         finishing = list(self._finishing)
         claimed: list[tuple[Job, WarmWorker | None]] = []
         try:
@@ -288,6 +283,10 @@ class Dispatcher:
                 # At `now`, as the claims: a successor never starts before its
                 # predecessor's end.
                 ended = [self._record(e, now) for e in finishing]
+                if claiming and _gated_back_in_line(ended):
+                    # A gated job's retry is due: the conditions were taken before it
+                    # was QUEUED again, perhaps without reading the sensors at all.
+                    offered, wants_idle, wants_power = self._offered(now)
                 if claiming:
                     offered = self._claim(now, offered, claimed, jobs)
         except BaseException:
@@ -315,6 +314,17 @@ class Dispatcher:
             # Only while such a job is queued; an idle daemon does not wake for this.
             # Counted from after the admissions, so the probe's reading has aged by then.
             self.due_at(self.clock() + SAMPLE_EVERY_MS)
+
+    def _offered(self, now: int) -> tuple[Conditions, bool, bool]:
+        """The conditions a claim may take as met now, and whether a QUEUED job waits
+        for CPU idle, for AC power: the sensors are read only while one does."""
+        offered = ALL_CONDITIONS
+        wants_idle, wants_power = self.store.gated_waiting()
+        if wants_idle or wants_power:
+            offered = self.conditions()
+        if offered.cpu_idle and not self.admits_idle_gated(now):
+            offered = msgspec.structs.replace(offered, cpu_idle=False)
+        return offered, wants_idle, wants_power
 
     def _may_claim(self) -> bool:
         """Whether this look should try to claim (it consumes the wake-up's hints)."""
@@ -648,3 +658,13 @@ class Dispatcher:
         while self._running:
             self._job_ended = trio.Event()
             await self._job_ended.wait()
+
+
+def _gated_back_in_line(ended: list[tuple[Job, bool] | None]) -> bool:
+    """Whether one of these ends put a job that waits on a condition back in line."""
+    return any(
+        end is not None
+        and end[0].state is State.QUEUED
+        and (end[0].wait_for_idle or end[0].require_charging)
+        for end in ended
+    )

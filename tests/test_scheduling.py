@@ -801,6 +801,59 @@ async def test_a_gated_job_waiting_on_its_condition_does_not_spin_the_dispatcher
         store.close()
 
 
+class UnplugsAndFailsOnce(LauncherDouble):
+    """The first attempt unplugs the charger, then fails asking to be retried at once."""
+
+    def __init__(self, power: dict[str, bool]) -> None:
+        self.power = power
+        self.attempts: list[int] = []
+
+    async def run(self, job, **_):
+        self.attempts.append(job.attempt)
+        if job.attempt == 1:
+            self.power["plugged"] = False
+            return Outcome(error_kind="retryable", error_message="again", retry_after_ms=0)
+        return Outcome(result_summary={"ok": True})
+
+
+async def test_a_gated_jobs_retry_due_at_once_waits_for_its_condition_again(tmp_path):
+    """The look that records an attempt's end also claims: a gated job put back in
+    line by that end must be held to its condition, although no gated job was QUEUED
+    when the look began (and so the sensors had not been read for it)."""
+    store = Store.open(tmp_path / "meta.db")
+    power = {"plugged": True}
+    launcher = UnplugsAndFailsOnce(power)
+    dispatcher = Dispatcher(
+        store,
+        launcher,
+        workers=1,
+        clock=now_ms,
+        conditions=lambda: Conditions(cpu_idle=True, on_ac_power=power["plugged"]),
+        on_job_changed=lambda job: None,
+    )
+    job = store.enqueue(
+        EnqueueRequest(job_type="noop", require_charging=True, max_attempts=3), now=now_ms()
+    ).job
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(10):
+                while store.get(job.id).attempt < 1 or store.get(job.id).state is State.RUNNING:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)  # looks enough to claim the retry, were it let in
+            assert launcher.attempts == [1]
+            assert store.get(job.id).state is State.QUEUED
+            power["plugged"] = True
+            dispatcher.wake()
+            with trio.fail_after(10):
+                while store.get(job.id).state is not State.DONE:
+                    await trio.sleep(0.01)
+            assert launcher.attempts == [1, 2]
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
 def one_worker_dispatcher(store, launcher, on_job_changed=lambda job: None) -> Dispatcher:
     return Dispatcher(
         store,

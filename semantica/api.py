@@ -136,15 +136,18 @@ class GroupCommitter:
                 with trio.CancelScope(shield=True):
                     if self.may_have_company():
                         await self._gather()
-                    batch = self.commit_pending()
-                    # Those arriving during the sync lead a commit of their own meanwhile
-                    # (so from here on, `_leading` is theirs, not to be reset below).
+                    batch, self._pending = self._pending, []
+                    # Those arriving from here on lead a commit of their own meanwhile
+                    # (so `_leading` is theirs, not to be reset below).
                     self._leading = False
+                    self._commit(batch)
                     await self._sync(batch)
             finally:
-                if batch is None:  # nothing was committed: let the next one lead
+                if batch is None:  # nothing was taken: let the next one lead
                     self._leading = False
-                for b in batch or ():
+                for b in batch or ():  # every handler taken is woken, whatever happened
+                    if b.outcome is None:
+                        b.outcome = RuntimeError("the group commit failed: see the daemon's log")
                     b.done.set()
         if isinstance(pending.outcome, Exception):
             raise pending.outcome
@@ -179,12 +182,11 @@ class GroupCommitter:
                 if not isinstance(b.outcome, Exception):
                     b.outcome = exc
 
-    def commit_pending(self) -> list[_PendingEnqueue]:
-        """Store the waiting requests in one transaction (their handlers are woken by
-        the caller, once it is on disk)."""
-        batch, self._pending = self._pending, []
+    def _commit(self, batch: list[_PendingEnqueue]) -> None:
+        """Store the batch's requests in one transaction and set each one's outcome
+        (the caller wakes their handlers, once it is on disk)."""
         if not batch:
-            return batch
+            return
         try:
             outcomes = self._store.enqueue_groups([b.group for b in batch], now=self._clock())
         except StoreError as exc:
@@ -201,8 +203,10 @@ class GroupCommitter:
                 stored.extend(outcome)
         if stored:
             self._metrics.job_enqueue_total += len(stored)
-            self.on_committed(stored)
-        return batch
+            try:
+                self.on_committed(stored)
+            except Exception as exc:  # the jobs are stored: their requests succeed
+                log.error("enqueue_not_announced", error=repr(exc), exc_info=True)
 
 
 RETRYABLE_STATES = (State.FAILED, State.CANCELLED, State.EXPIRED)  # what jobs.retry.v1 takes

@@ -118,3 +118,32 @@ async def test_enqueues_arriving_during_a_sync_are_committed_and_answered(tmp_pa
     assert sorted(answered) == ["during", "during-too", "first"]
     assert store.commits == 2
     store.close()
+
+
+async def test_a_failing_announcement_after_the_commit_still_answers_every_enqueue(tmp_path):
+    """What runs after the commit (waking the dispatcher, the waiters) may fail: the
+    jobs are stored, so every request in the batch is answered with its job."""
+    store = Store.open(tmp_path / "a.db", group_sync=True)
+
+    async def durable() -> None:
+        pass
+
+    committer = committer_for(store, durable)
+
+    def announce(results) -> None:
+        raise OSError("disk I/O error while reading the queue")
+
+    committer.on_committed = announce
+    answered: list[str] = []
+
+    async def enqueue(n: int) -> None:
+        [result] = await committer.submit(one_job(queue=f"q{n}"))
+        answered.append(result.job.queue)
+
+    with trio.fail_after(5):  # a follower left unwoken would hang here
+        async with trio.open_nursery() as nursery:
+            for n in range(3):
+                nursery.start_soon(enqueue, n)
+    assert sorted(answered) == ["q0", "q1", "q2"]
+    assert len(store.list()[0]) == 3
+    store.close()

@@ -98,6 +98,7 @@ _PROC_STAT = sys.platform.startswith("linux") and os.path.exists("/proc/self/sta
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if _PROC_STAT else 100
 _CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
 _boot_time_checked: bool | None = None  # whether boot_time() may compute (None: not yet)
+BOOT_CLOCKS_GAP_S = 0.0002  # most the boot clock may move while the wall clock is read
 
 
 def boot_time() -> float:
@@ -107,14 +108,19 @@ def boot_time() -> float:
 
     The kernel's btime is the whole seconds of CLOCK_REALTIME - CLOCK_BOOTTIME, so it
     is computed from those two clocks instead of reading /proc/stat (several KB of
-    counters: 5 % of the daemon's time per SUBPROCESS job), except within a
-    millisecond of a whole second, where the two readings could round apart. The
-    first call checks the computation against psutil; if they differ (a kernel that
-    says otherwise), psutil is asked every time."""
+    counters: 5 % of the daemon's time per SUBPROCESS job). The wall clock is read
+    between two readings of the boot clock: if those are more than
+    BOOT_CLOCKS_GAP_S apart (the thread was held up between them), or the offset is
+    within a millisecond of a whole second (where the readings could round apart),
+    psutil is asked instead. The first call checks the computation against psutil;
+    if they differ (a kernel that says otherwise), psutil is asked every time."""
     global _boot_time_checked
     if _CLOCK_BOOTTIME is not None and _boot_time_checked is not False:
-        offset = time.time() - time.clock_gettime(_CLOCK_BOOTTIME)
-        if 0.001 < offset % 1 < 0.999:
+        booted = time.clock_gettime(_CLOCK_BOOTTIME)
+        wall = time.time()
+        booted_after = time.clock_gettime(_CLOCK_BOOTTIME)
+        offset = wall - (booted + booted_after) / 2
+        if booted_after - booted < BOOT_CLOCKS_GAP_S and 0.001 < offset % 1 < 0.999:
             computed = float(math.floor(offset))
             if _boot_time_checked:
                 return computed

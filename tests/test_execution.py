@@ -591,6 +591,26 @@ def test_the_boot_time_is_psutils_computed_or_read(monkeypatch):
     assert launcher.boot_time() == other
 
 
+def test_the_boot_time_is_read_when_the_thread_stalled_between_the_clocks(monkeypatch):
+    """Held up between reading the wall clock and the boot clock, the computation
+    would come out a second early at some offsets (and recovery would take a live
+    runner for a reused PID): then psutil is asked instead."""
+    from semantica import launcher
+
+    monkeypatch.setattr(launcher, "_boot_time_checked", True)  # computed from here on
+    real_boottime = time.clock_gettime
+    calls = []
+
+    def stalled(clock):
+        calls.append(clock)
+        return real_boottime(clock) + (0.005 if len(calls) % 2 == 0 else 0)  # 5 ms later
+
+    monkeypatch.setattr(time, "clock_gettime", stalled)
+    monkeypatch.setattr(psutil, "boot_time", lambda: 1_234_567.0)
+    assert launcher.boot_time() == 1_234_567.0
+    assert len(calls) == 2
+
+
 def test_sigterm_requeues_running_jobs_after_the_grace():
     d = start_daemon()
     try:

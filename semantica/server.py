@@ -199,7 +199,10 @@ class Server:
         self._draining = False
         self._uid = os.geteuid()
         # A lone client's enqueue need not wait a scheduler turn for others to join it.
-        api.committer.may_have_company = api.wal_sync.may_have_company = self._has_company
+        api.committer.may_have_company = self._has_company
+        # Whether a slow fsync goes to a thread (and the WAL sync waits turns): any
+        # other connection may send a request meanwhile, idle or not.
+        api.wal_sync.may_have_company = lambda: len(self.conns) > 1
 
     def _has_company(self) -> bool:
         """Whether another client could join this commit: one with a request under
@@ -713,6 +716,8 @@ async def _receive_when_ready(stream: trio.SocketStream) -> bytes:
             return os.read(sock.fileno(), READ_CHUNK)
         except BlockingIOError:
             continue  # woken without data (another reader, a spurious wake): wait again
+        except OSError as exc:  # a reset, an unreachable peer: as trio's receive_some says
+            raise trio.BrokenResourceError(str(exc)) from exc
 
 
 async def _send_now(stream: trio.SocketStream, data: bytes) -> None:

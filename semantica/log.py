@@ -27,9 +27,10 @@ def _timestamp(created: float) -> str:
     second is made once (strftime is most of a log line's cost)."""
     global _second
     second = int(created)
-    if _second[0] != second:
-        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return f"{_second[1]}.{int(created * 1000) % 1000:03d}Z"
+    cached = _second  # one read: another thread may replace it meanwhile
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int(created * 1000) % 1000:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

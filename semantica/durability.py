@@ -6,6 +6,7 @@ event loop while the disk answers quickly, and in a worker thread when it does n
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -32,8 +33,12 @@ class WalSync:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        # Whether other clients are connected; alone, a thread hop buys nothing.
-        self.may_have_company = lambda: True
+        # Whether another client could commit before this fsync (then it waits loop
+        # turns for them), and whether any other client is connected at all (then a
+        # slow fsync goes to a thread, so that such a client's request is served
+        # meanwhile; alone, a thread hop buys nothing). The server knows both.
+        self.may_have_company: Callable[[], bool] = lambda: True
+        self.others_connected: Callable[[], bool] = lambda: True
         self._synced = 0
         self._running = False
         self._finished = trio.Event()
@@ -54,12 +59,11 @@ class WalSync:
                 continue
             self._running = True
             try:
-                company = self.may_have_company()
-                if company:
+                if self.may_have_company():
                     await self._gather()
                 covers = self._store.commits
                 began = time.perf_counter()
-                if (self._inline or not company) and not off_loop:
+                if (self._inline or not self.others_connected()) and not off_loop:
                     self._store.sync_wal()
                 else:
                     await trio.to_thread.run_sync(self._store.sync_wal)

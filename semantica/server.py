@@ -198,11 +198,11 @@ class Server:
         self._accepting = trio.CancelScope()
         self._draining = False
         self._uid = os.geteuid()
-        # A lone client's enqueue need not wait a scheduler turn for others to join it.
-        api.committer.may_have_company = self._has_company
-        # Whether a slow fsync goes to a thread (and the WAL sync waits turns): any
-        # other connection may send a request meanwhile, idle or not.
-        api.wal_sync.may_have_company = lambda: len(self.conns) > 1
+        # A lone client's write need not wait scheduler turns for others to join it.
+        api.committer.may_have_company = api.wal_sync.may_have_company = self._has_company
+        # A slow fsync goes to a thread while any other connection is open: idle or
+        # not, it may send a request meanwhile.
+        api.wal_sync.others_connected = lambda: len(self.conns) > 1
 
     def _has_company(self) -> bool:
         """Whether another client could join this commit: one with a request under

@@ -147,3 +147,33 @@ async def test_a_failing_announcement_after_the_commit_still_answers_every_enque
     assert sorted(answered) == ["q0", "q1", "q2"]
     assert len(store.list()[0]) == 3
     store.close()
+
+
+async def test_a_slow_disks_fsync_leaves_the_loop_while_any_other_client_is_connected(tmp_path):
+    """Once an fsync has been slow, the next run in a worker thread if any other
+    connection is open (idle or not: its next request is served meanwhile), on the
+    loop for a lone client; loop turns for others to join are taken only for
+    clients that could (`may_have_company`)."""
+    import threading
+
+    from semantica.durability import WalSync
+
+    store = Store.open(tmp_path / "a.db", group_sync=True)
+    threads: list[bool] = []  # whether each fsync ran on the loop's thread
+    real_sync = store.sync_wal
+    loop_thread = threading.get_ident()
+
+    def sync_wal() -> None:
+        threads.append(threading.get_ident() == loop_thread)
+        real_sync()
+
+    store.sync_wal = sync_wal
+    wal = WalSync(store)
+    wal.may_have_company = lambda: False
+    for others in (True, False):
+        wal.others_connected = lambda others=others: others
+        wal._inline = False  # the last fsync was slow
+        store.enqueue(EnqueueRequest(job_type="noop"), now=NOW)
+        await wal.durable()
+    assert threads == [False, True]
+    store.close()

@@ -32,7 +32,7 @@ import trio
 
 from semantica import log
 from semantica.domain import ExecutionMode, Job, Outcome
-from semantica.plugins import Progress, Result, RunSpec, WarmJob
+from semantica.plugins import Progress, Ready, Result, RunSpec, WarmJob
 from semantica.runner import open_job_log, read_small
 
 ZYGOTE_START_TIMEOUT_S = 30.0
@@ -51,8 +51,9 @@ CHANNEL_DRAIN_S = 0.5  # after the runner exits, for its last message to be read
 START_TIME_SLACK_MS = 50  # a process start time is known to the clock tick (10 ms)
 MAX_RESULT_BYTES = 16 * 1024 * 1024
 READ_CHUNK = 65536  # bytes read from a runner's result channel at once
+WARM_READY_TIMEOUT_S = 30.0  # for a new WARM worker to start and load the plugins
 
-_decode_message = msgspec.json.Decoder(Progress | Result).decode
+_decode_message = msgspec.json.Decoder(Progress | Result | Ready).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -169,9 +170,18 @@ class MessageReader:
     def __init__(self, stream: trio.lowlevel.FdStream) -> None:
         self.stream = stream
         self.buffer = bytearray()
+        self.ready = False  # a WARM worker said it is ready for its first job
 
-    async def next_result(self, on_progress: Callable[[float, str | None], None]) -> Result | None:
-        """The next Result; None at the end of the channel (or when it overflows)."""
+    async def wait_ready(self) -> bool:
+        """Read until the runner says Ready (True), or its channel ends (False)."""
+        await self.next_result(lambda fraction, message: None, until_ready=True)
+        return self.ready
+
+    async def next_result(
+        self, on_progress: Callable[[float, str | None], None], *, until_ready: bool = False
+    ) -> Result | None:
+        """The next Result; None at the end of the channel (or when it overflows), or
+        once a Ready has come (`until_ready`)."""
         while True:
             while (newline := self.buffer.find(b"\n")) >= 0:
                 line = bytes(self.buffer[:newline])
@@ -183,6 +193,13 @@ class MessageReader:
                     continue
                 if isinstance(message, Result):
                     return message
+                if isinstance(message, Ready):
+                    self.ready = True
+                    if until_ready:
+                        return None
+                    continue
+                if until_ready:
+                    continue  # (nothing else comes before Ready)
                 try:  # progress is informative: failing to store it stops nothing
                     on_progress(min(1.0, max(0.0, message.fraction)), message.message)
                 except Exception as exc:
@@ -910,10 +927,27 @@ class WarmPool:
             raise
         finally:
             os.close(write_fd)
+        worker = WarmWorker(proc, trio.lowlevel.FdStream(read_fd))
+        try:
+            with trio.move_on_after(WARM_READY_TIMEOUT_S) as waiting:
+                await worker.reader.wait_ready()
+        except BaseException:
+            await worker.kill()
+            raise
+        if not worker.reader.ready:
+            await worker.kill()
+            why = (
+                f"was not ready after {WARM_READY_TIMEOUT_S:g} s"
+                if waiting.cancelled_caught
+                else f"exited with status {proc.returncode} before it was ready"
+            )
+            raise OSError(
+                f"the WARM worker (pid {proc.pid}) {why}: see the daemon's log for its own message"
+            )
         self.started += 1
         self.spawn_failed = None
         log.debug("warm_worker_started", pid=proc.pid)
-        return WarmWorker(proc, trio.lowlevel.FdStream(read_fd))
+        return worker
 
     async def close(self) -> None:
         """Retire the idle workers (the daemon is stopping)."""

@@ -123,7 +123,12 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
 # daemon both hold it to this.
 RETRY_AFTER_MAX_MS = 365 * 24 * 3600 * 1000
 
-RunnerMessage = Progress | Result  # NDJSON lines on RESULT_FD, tagged by "type"
+
+class Ready(msgspec.Struct, tag="ready", kw_only=True):
+    """A WARM worker, once started and its plugins loaded: it takes a job at once."""
+
+
+RunnerMessage = Progress | Result | Ready  # NDJSON lines on RESULT_FD, tagged by "type"
 
 
 # --------------------------------------------------------------------------- plugin side

@@ -67,6 +67,7 @@ from semantica.plugins import (
     Output,
     PermanentError,
     Progress,
+    Ready,
     Result,
     RetryableError,
     RunSpec,
@@ -100,7 +101,7 @@ class ResultChannel:
         self.result_sent = False
         self._lock = threading.Lock()
 
-    def send(self, message: Progress | Result) -> None:
+    def send(self, message: Progress | Result | Ready) -> None:
         line = _encode(message) + b"\n"
         with self._lock:
             if self.result_sent:
@@ -681,7 +682,11 @@ def main_warm() -> int:
     os.set_inheritable(control.fileno(), False)
     _stdin_from_devnull()
     base_env = dict(os.environ)
+    _preload_plugins()
     baseline = _WorkerState.capture()
+    # Only now is the worker put in the pool: a job's deadline must not count the
+    # interpreter's start and the plugins' imports (100 ms and more here).
+    ResultChannel(result_fd).send(Ready())
     for line in _lines(control):
         try:
             job = _decode_warm_job(line)
@@ -697,6 +702,15 @@ def main_warm() -> int:
         if stopping:  # cancelled, past its deadline, or left something behind
             os._exit(0)  # without waiting for threads the job left running
     return 0
+
+
+def _preload_plugins() -> None:
+    """Load every installed plugin before the first job, as the zygote has them
+    imported. One that cannot be loaded is left for its job to report."""
+    import importlib.metadata
+
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _load_plugin(ep.name)
 
 
 def run_as_batch() -> None:

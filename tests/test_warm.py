@@ -315,3 +315,40 @@ def test_a_warm_worker_runs_as_batch_work(client):
     # So that handing it a job does not preempt the daemon on its CPU.
     job = run(client, payload={"callable": "os:sched_getscheduler", "args": [0]})
     assert job.state is State.DONE and job.result_summary == os.SCHED_BATCH
+
+
+def test_a_new_workers_start_is_not_counted_in_its_first_jobs_deadline():
+    """A WARM worker joins the pool once it says it is ready (its interpreter
+    started, its plugins loaded): a job with a deadline shorter than that start
+    (about 100 ms here) used to fail on every fresh worker, and killed it."""
+    d = start_daemon(SEMANTICA_WORKERS="1")
+    try:
+        with d.client() as c:
+            for _ in range(2):
+                job = c.enqueue(
+                    job_type="noop", execution_mode="WARM", deadline_ms=50, max_attempts=1
+                )
+                job = c.wait(job.id, timeout_ms=20_000)
+                assert job.state is State.DONE, (job.error_kind, job.error_message)
+                assert job.finished_at - job.started_at < 50
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
+async def test_a_workers_readiness_is_its_ready_line_and_eof_is_not():
+    import trio
+
+    from semantica.launcher import MessageReader
+
+    for lines, ready in (
+        (b'{"type":"progress","fraction":0.5}\n{"type":"ready"}\n', True),
+        (b"", False),
+    ):
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, lines)
+        os.close(write_fd)
+        reader = MessageReader(trio.lowlevel.FdStream(read_fd))
+        with trio.fail_after(5):
+            assert await reader.wait_ready() is ready
+        await reader.stream.aclose()

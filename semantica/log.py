@@ -33,7 +33,10 @@ def _timestamp(created: float) -> str:
     return f"{cached[1]}.{int(created * 1000) % 1000:03d}Z"
 
 
-class JsonFormatter(logging.Formatter):
+class _EventFormatter(logging.Formatter):
+    """A record from the logging module, as the line `line` makes of an event's parts
+    (the daemon's handler calls `line` directly, see EventHandler)."""
+
     def format(self, record: logging.LogRecord) -> str:
         traceback = self.formatException(record.exc_info) if record.exc_info else None
         return self.line(
@@ -52,6 +55,18 @@ class JsonFormatter(logging.Formatter):
         fields: dict[str, Any],
         traceback: str | None = None,
     ) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(_EventFormatter):
+    def line(
+        self,
+        created: float,
+        level: str,
+        name: str,
+        fields: dict[str, Any],
+        traceback: str | None = None,
+    ) -> str:
         doc: dict[str, Any] = {"ts": _timestamp(created), "level": level.lower(), "event": name}
         doc.update(fields)
         if traceback:
@@ -59,20 +74,10 @@ class JsonFormatter(logging.Formatter):
         return _encode(doc).decode()
 
 
-class PrettyFormatter(logging.Formatter):
+class PrettyFormatter(_EventFormatter):
     def __init__(self, colour: bool) -> None:
         super().__init__()
         self.colour = colour
-
-    def format(self, record: logging.LogRecord) -> str:
-        traceback = self.formatException(record.exc_info) if record.exc_info else None
-        return self.line(
-            record.created,
-            record.levelname,
-            record.getMessage(),
-            getattr(record, "fields", {}),
-            traceback,
-        )
 
     def line(
         self,
@@ -98,7 +103,7 @@ class EventHandler(logging.StreamHandler):
     job, and the logging module's record, caller lookup and formatting were a tenth of
     the daemon's time per WARM job. Records from elsewhere come in as usual (`emit`)."""
 
-    def __init__(self, stream: Any, formatter: JsonFormatter | PrettyFormatter) -> None:
+    def __init__(self, stream: Any, formatter: _EventFormatter) -> None:
         super().__init__(stream)
         self.setFormatter(formatter)
         self.line = formatter.line

@@ -38,7 +38,6 @@ from semantica.store import (
     Conditions,
     EnqueueGroup,
     EnqueueResult,
-    NotFound,
     Store,
     StoreError,
 )
@@ -413,14 +412,8 @@ class Api:
         """A retry waits for the same jobs as the original did (one that failed or was
         cancelled makes the retry refused, saying so); those deleted since, by the
         retention, had ended long ago and are left out."""
-        kept = []
-        for dep in job.depends_on:
-            try:
-                self.store.get(dep)
-            except NotFound:
-                continue
-            kept.append(dep)
-        return kept
+        existing = self.store.existing_ids(job.depends_on)
+        return [dep for dep in job.depends_on if dep in existing]
 
     async def tail_log(self, params: p.TailParams) -> p.LogChunk:
         """The last `n` lines of a job's log, or what follows `offset` (waiting up to

@@ -1858,7 +1858,7 @@ class Store:
             return self._db.changes()
 
     def existing_ids(self, ids: list[str]) -> set[str]:
-        """Which of these ids are jobs (to tell orphaned files from kept ones)."""
+        """Which of these ids are jobs (orphaned files, a retry's dependencies still kept)."""
         return {row[0] for row in self._db.execute(SQL_EXISTING_IDS, (_json_encode(ids),))}
 
     def page_stats(self) -> tuple[int, int, int, bool]:

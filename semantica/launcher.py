@@ -349,10 +349,10 @@ class Launcher:
             self._tree_made = True
 
     def log_path(self, job_id: str) -> Path:
-        return self.logs_dir / f"{job_id}.log"
+        return Path(self._job_paths(job_id)[1])
 
     def artifacts_dir(self, job_id: str) -> Path:
-        return self.artifacts_root / job_id
+        return Path(self._job_paths(job_id)[2])
 
     def _job_paths(self, job_id: str) -> tuple[str, str, str]:
         """(working directory, log file, artifacts directory) of a job, as text: made

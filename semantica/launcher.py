@@ -710,12 +710,18 @@ def is_gone(pid: int) -> bool:
 
 
 class WarmWorker:
-    """A long-lived runner (`python -m semantica.runner --warm`) and its channels."""
+    """A long-lived runner and its channels: forked by the zygote, or a new
+    interpreter (`python -m semantica.runner --warm`) when there is no zygote."""
 
-    def __init__(self, proc: trio.Process, results: trio.lowlevel.FdStream) -> None:
+    def __init__(
+        self,
+        proc: trio.Process | ZygoteChild,
+        results: trio.lowlevel.FdStream,
+        start_time: int | None = None,
+    ) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self.start_time = process_start_time(proc.pid) or 0  # Unix ms
+        self.start_time = start_time or process_start_time(proc.pid) or 0  # Unix ms
         self.reader = MessageReader(results)
         self.jobs_done = 0
         try:
@@ -739,6 +745,21 @@ class WarmWorker:
             return self._process.memory_info().rss if self._process else 0
         except psutil.Error:
             return 0
+
+    def alive(self) -> bool:
+        """Whether the worker may still take a job, as far as is known now."""
+        proc = self.proc
+        if isinstance(proc, ZygoteChild):
+            return proc.returncode is None and not proc.zygote_gone()
+        return proc.returncode is None
+
+    def drop(self) -> None:
+        """Forget a worker found dead while idle: what its jobs left in its group is
+        killed, and its channels are closed."""
+        kill_process_group(self.pid, signal.SIGKILL)
+        self.reader.stream.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
 
     async def kill(self) -> None:
         """Stop the worker and everything a job started in its group."""
@@ -772,7 +793,8 @@ class WarmPool:
     process group and simply not reused: the next job gets a new one. Each worker has
     the same sandbox as a fresh runner (own session, allowlisted environment, umask
     077, resource limits); the job's `env`, working directory, log file and CPU
-    allowance are set in the worker for each job.
+    allowance are set in the worker for each job. Workers are forked by the zygote
+    where there is one, else each is a new interpreter.
     """
 
     def __init__(self, launcher: Launcher, *, max_jobs: int, max_rss_bytes: int) -> None:
@@ -844,8 +866,24 @@ class WarmPool:
 
     def reserve(self) -> WarmWorker | None:
         """An idle worker, taken out of the pool for a job about to be claimed (its
-        PID is recorded with the claim); `give_back` it if no WARM job came."""
-        return self.idle.pop() if self.idle else None
+        PID is recorded with the claim); `give_back` it if no WARM job came. One
+        that died while it waited (killed, or gone with the zygote that forked it)
+        is dropped here, not handed a job that would fail with it."""
+        if self.idle and self.launcher.zygote is not None:
+            self.launcher.zygote.read_ready()  # the exits it reported, or its own end
+        while self.idle:
+            worker = self.idle.pop()
+            if worker.alive():
+                return worker
+            log.event(
+                "warm_worker_gone",
+                level=logging.WARNING,
+                pid=worker.pid,
+                status=worker.proc.returncode,
+                advice="it died while idle; the next WARM job gets another worker",
+            )
+            worker.drop()
+        return None
 
     def give_back(self, worker: WarmWorker) -> None:
         self.idle.append(worker)
@@ -902,8 +940,68 @@ class WarmPool:
         return True
 
     async def _spawn(self) -> WarmWorker:
+        """A new worker, once it says it is ready: forked by the zygote (a
+        millisecond or two, its plugins already imported), or a new interpreter
+        (100 ms and more) when the zygote is off or cannot be had."""
         launcher = self.launcher
         launcher.make_tree()
+        worker = None
+        if launcher.zygote is not None:
+            worker = await self._fork(launcher.zygote)
+        if worker is None:
+            worker = await self._start_interpreter()
+        proc = worker.proc
+        try:
+            with trio.move_on_after(WARM_READY_TIMEOUT_S) as waiting:
+                await worker.reader.wait_ready()
+        except BaseException:
+            await worker.kill()
+            raise
+        if not worker.reader.ready:
+            await worker.kill()
+            why = (
+                f"was not ready after {WARM_READY_TIMEOUT_S:g} s"
+                if waiting.cancelled_caught
+                else f"exited with status {proc.returncode} before it was ready"
+            )
+            raise OSError(
+                f"the WARM worker (pid {proc.pid}) {why}: see the daemon's log for its own message"
+            )
+        self.started += 1
+        self.spawn_failed = None
+        log.debug("warm_worker_started", pid=proc.pid)
+        return worker
+
+    async def _fork(self, zygote: Zygote) -> WarmWorker | None:
+        """A worker forked by the zygote, or None if the zygote is gone (then a new
+        interpreter it is). A fork the zygote refused (the process limit) fails."""
+        launcher = self.launcher
+        env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
+        control_r, control_w = os.pipe()
+        try:
+            result_r, result_w = os.pipe()
+        except BaseException:
+            os.close(control_r)
+            os.close(control_w)
+            raise
+        try:
+            pid, start = await zygote.spawn(
+                env, str(launcher.work_dir), None, launcher._rlimits(None), (control_r, result_w)
+            )
+        except BaseException as exc:
+            os.close(control_w)
+            os.close(result_r)
+            if isinstance(exc, ZygoteGone):
+                return None
+            raise
+        finally:
+            os.close(control_r)
+            os.close(result_w)
+        proc = zygote.child(pid, trio.lowlevel.FdStream(control_w), start)
+        return WarmWorker(proc, trio.lowlevel.FdStream(result_r), start)
+
+    async def _start_interpreter(self) -> WarmWorker:
+        launcher = self.launcher
         env = runner_environment(launcher.daemon_env, launcher.env_allowlist, {})
         env["SEMANTICA_RLIMITS"] = launcher._rlimits(None)
         env["SEMANTICA_PARENT_PID"] = str(os.getpid())
@@ -927,27 +1025,7 @@ class WarmPool:
             raise
         finally:
             os.close(write_fd)
-        worker = WarmWorker(proc, trio.lowlevel.FdStream(read_fd))
-        try:
-            with trio.move_on_after(WARM_READY_TIMEOUT_S) as waiting:
-                await worker.reader.wait_ready()
-        except BaseException:
-            await worker.kill()
-            raise
-        if not worker.reader.ready:
-            await worker.kill()
-            why = (
-                f"was not ready after {WARM_READY_TIMEOUT_S:g} s"
-                if waiting.cancelled_caught
-                else f"exited with status {proc.returncode} before it was ready"
-            )
-            raise OSError(
-                f"the WARM worker (pid {proc.pid}) {why}: see the daemon's log for its own message"
-            )
-        self.started += 1
-        self.spawn_failed = None
-        log.debug("warm_worker_started", pid=proc.pid)
-        return worker
+        return WarmWorker(proc, trio.lowlevel.FdStream(read_fd))
 
     async def close(self) -> None:
         """Retire the idle workers (the daemon is stopping)."""
@@ -983,6 +1061,11 @@ class ZygoteChild:
             except ZygoteGone:
                 self.lost()
         return self.returncode
+
+    def zygote_gone(self) -> bool:
+        """Whether the zygote that forked it has gone (its children with it), seen
+        before the task that acts on it has marked them lost."""
+        return self._zygote._gone is not None
 
     def lost(self) -> None:
         """The zygote went before reporting this child's exit: stop it, count it killed
@@ -1094,7 +1177,7 @@ class Zygote:
         self,
         env: dict[str, str],
         cwd: str,
-        log_path: str,
+        log_path: str | None,
         rlimits: str,
         fds: tuple[int, int],
         recorded: int | None = None,
@@ -1102,7 +1185,8 @@ class Zygote:
         """Fork a runner with these (stdin, result) fds, its output appended to
         `log_path`; returns its pid, and its start time if it is a spare (read when
         the spare was announced). `recorded`: the pid the job's claim recorded (the
-        spare reserved for it, if it is one)."""
+        spare reserved for it, if it is one). `log_path` None: a WARM worker, its
+        first fd the control channel its jobs come on."""
         async with self._request_lock:
             if self.sock is None:
                 await self._start()
@@ -1118,6 +1202,7 @@ class Zygote:
                     "log_path": log_path,
                     "rlimits": rlimits,
                     "spare": spare,
+                    "warm": log_path is None,
                 }
             )
             # Not cancellable half-way: a reply left unread would be taken as the

@@ -678,11 +678,21 @@ def main_warm() -> int:
         return 1
     _become_subreaper()
     run_as_batch()
-    control = os.fdopen(os.dup(0), "rb", buffering=0)
-    os.set_inheritable(control.fileno(), False)
+    control = os.dup(0)
+    os.set_inheritable(control, False)
     _stdin_from_devnull()
     base_env = dict(os.environ)
     _preload_plugins()
+    serve_warm(control, result_fd, base_env)
+    return 0
+
+
+def serve_warm(control_fd: int, result_fd: int, base_env: dict[str, str]) -> None:
+    """A WARM worker's jobs, once its process is set up (by `main_warm`, or in a
+    process the zygote forked): read `WarmJob` lines from `control_fd` and run each
+    in an environment of `base_env` plus the job's own, until EOF or a job after
+    which the worker must exit (then it exits at once)."""
+    control = os.fdopen(control_fd, "rb", buffering=0)
     baseline = _WorkerState.capture()
     # Only now is the worker put in the pool: a job's deadline must not count the
     # interpreter's start and the plugins' imports (100 ms and more here).
@@ -701,7 +711,6 @@ def main_warm() -> int:
         _flush_std_streams()
         if stopping:  # cancelled, past its deadline, or left something behind
             os._exit(0)  # without waiting for threads the job left running
-    return 0
 
 
 def _preload_plugins() -> None:

@@ -1,5 +1,6 @@
 """The runner zygote: a pre-started, single-threaded* process that has imported the
-runner and every plugin, and forks one fresh process per SUBPROCESS job.
+runner and every plugin, and forks one fresh process per SUBPROCESS job, and the
+WARM pool's workers.
 
 A new interpreter costs ~100 ms of CPU before it runs a line of a job; a fork of this
 process costs about a millisecond, and the child starts with the plugins imported.
@@ -12,6 +13,10 @@ Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daem
       "spare": pid | null} with two fds (SCM_RIGHTS): the job's stdin (the RunSpec)
      and its result channel; the child makes its working directory and opens its
      log (stdout and stderr). "spare": run it on that spare (see below)
+  -> {..., "warm": true, "log_path": null}: the child becomes a WARM worker instead
+     (runner.serve_warm), its first fd the control channel its jobs come on; its
+     stdout is /dev/null and its stderr the zygote's (the daemon's log) until its
+     first job points both at that job's log
   <- {"spawned": pid}          (in request order)
   <- {"failed": "why"}         (instead, when the fork failed: EAGAIN at the process
                                 limit, ENOMEM; that job only, the zygote carries on)
@@ -73,9 +78,10 @@ MAX_REQUEST_BYTES = 1024 * 1024
 class SpawnRequest(msgspec.Struct, forbid_unknown_fields=True):
     env: dict[str, str]
     cwd: str
-    log_path: str
+    log_path: str | None  # None: a WARM worker (each of its jobs opens its own log)
     rlimits: str
     spare: int | None = None  # run it on the spare of this pid (its claim recorded it)
+    warm: bool = False  # a WARM worker, running job after job, not one job's runner
 
 
 _encode = msgspec.json.Encoder().encode
@@ -187,11 +193,14 @@ def _spare(control: socket.socket, zygote_pid: int) -> None:
 
 
 def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
-    """In the forked child (after _leave_zygote): become the job's runner process.
-    Never returns."""
+    """In the forked child (after _leave_zygote): become the job's runner process,
+    or a WARM worker. Never returns."""
+    if request.warm:
+        _warm_worker(request, fds, zygote_pid)
     code = 1
     try:
         stdin_fd, result_fd = fds
+        assert request.log_path is not None  # checked by the zygote (warm: above)
         try:
             log_fd = runner.open_job_log(request.log_path)
         except OSError as exc:  # the attempt fails (and is retried) saying why
@@ -227,6 +236,36 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
         runner._exit_despite_stray_threads()
         code = 0
     except SystemExit as exc:  # a plugin's sys.exit(): its status, as a fresh runner's
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        runner._flush_std_streams()
+        os._exit(code)
+
+
+def _warm_worker(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
+    """In the forked child: become a WARM worker, with the sandbox a worker started as
+    `python -m semantica.runner --warm` has (its own session, the allowlisted
+    environment, umask 077, the limits, the parent-death signal, a subreaper of what
+    its jobs leave). Stdin and stdout are the zygote's /dev/null. Never returns."""
+    code = 1
+    try:
+        control_fd, result_fd = fds
+        os.set_inheritable(control_fd, False)
+        os.set_inheritable(result_fd, False)
+        runner.enter_work_dir(request.cwd)
+        runner.set_environment(request.env)
+        runner.apply_rlimits(request.rlimits)
+        if not runner.die_with_parent(zygote_pid):
+            sys.stderr.write("semantica runner: the zygote is already gone: not starting\n")
+            os._exit(1)
+        runner._become_subreaper()
+        runner.serve_warm(control_fd, result_fd, dict(os.environ))
+        code = 0
+    except SystemExit as exc:  # a plugin's sys.exit() in a job: the worker ends with it
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         import traceback
@@ -345,6 +384,8 @@ def _serve(sock: socket.socket) -> int:
                 request = _decode_request(data)
                 if len(fds) != FDS_PER_JOB:
                     raise ValueError(f"{len(fds)} fds instead of {FDS_PER_JOB}")
+                if request.log_path is None and not request.warm:
+                    raise ValueError("no log_path for the job's runner")
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 for fd in fds:
                     os.close(fd)

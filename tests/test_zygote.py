@@ -160,6 +160,91 @@ def test_a_forked_runner_has_the_jobs_sandbox(daemon):
     assert fields["session"] == fields["runner"] and fields["umask"] == "0077"
 
 
+def test_warm_workers_are_forked_by_the_zygote_with_the_workers_sandbox(daemon, tmp_path):
+    """A WARM worker starts in a fork of the zygote, not a new interpreter (100 ms
+    and more): its own session, the allowlisted environment, umask 077, none of the
+    zygote's descriptors, and each job's output in that job's log."""
+    (tmp_path / "fdlister.py").write_text(FD_LISTER)
+    with daemon.client() as c:
+        zygote = call(c, "os:getppid")
+        worker = call(c, "os:getpid", execution_mode="WARM")
+        assert call(c, "os:getppid", execution_mode="WARM") == zygote
+        assert call(c, "os:getpid", execution_mode="WARM") == worker  # reused
+        assert call(c, "os:getsid", 0, execution_mode="WARM") == worker
+        assert call(c, "os:getenv", "DAEMON_SECRET", execution_mode="WARM") is None
+        script = 'echo "umask=$(umask)"'
+        job = c.enqueue(
+            job_type="shell", payload={"argv": ["sh", "-c", script]}, execution_mode="WARM"
+        )
+        assert c.wait(job.id, timeout_ms=20_000).state is State.DONE
+        assert "umask=0077" in c.logs(job.id).lines
+        job = c.enqueue(
+            job_type="python",
+            payload={"callable": "fdlister:open_fds", "sys_path": [str(tmp_path)]},
+            execution_mode="WARM",
+        )
+        done = c.wait(job.id, timeout_ms=20_000)
+    assert done.state is State.DONE, done
+    targets = done.result_summary
+    assert not [t for t in targets.values() if "pidfd" in t or "socket" in t], targets
+    assert targets["1"].endswith(f"{job.id}.log") and targets["2"] == targets["1"]
+    assert psutil.Process(worker).ppid() == zygote
+
+
+def test_warm_workers_die_with_the_zygote_and_new_ones_take_over(daemon):
+    """The zygote's end kills its WARM workers (their parent-death signal): the
+    attempt running then fails as killed, to be retried by the policy; the next jobs
+    get new workers, forked by a new zygote."""
+    with daemon.client() as c:
+        worker = call(c, "os:getpid", execution_mode="WARM")
+        zygote = psutil.Process(worker).ppid()
+        job = c.enqueue(
+            job_type="sleep", payload={"seconds": 30}, execution_mode="WARM", max_attempts=1
+        )
+        deadline = time.monotonic() + 10
+        while c.get(job.id).state is not State.RUNNING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(worker) and psutil.Process(worker).status() != "zombie":
+            assert time.monotonic() < deadline, "the WARM worker outlived its zygote"
+            time.sleep(0.01)
+        ended = c.wait(job.id, timeout_ms=20_000)
+        assert (ended.state, ended.error_kind) == (State.FAILED, "signal"), ended
+        later = call(c, "os:getpid", execution_mode="WARM")
+        assert later != worker
+        assert psutil.Process(later).ppid() not in (zygote, daemon.proc.pid)
+
+
+def wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+        assert time.monotonic() < deadline, f"{pid} is still there"
+        time.sleep(0.01)
+    time.sleep(0.05)  # and its exit reported to the daemon
+
+
+@pytest.mark.parametrize("killed", ["worker", "zygote"])
+def test_an_idle_warm_worker_that_died_is_not_handed_a_job(daemon, killed):
+    """Killed while it waited, or gone with its zygote: the next WARM job gets a new
+    worker and runs on its first attempt, instead of failing with the dead one."""
+    with daemon.client() as c:
+        worker = call(c, "os:getpid", execution_mode="WARM")
+        os.kill(worker if killed == "worker" else psutil.Process(worker).ppid(), signal.SIGKILL)
+        wait_gone(worker)
+        job = c.enqueue(
+            job_type="python",
+            payload={"callable": "os:getpid"},
+            execution_mode="WARM",
+            max_attempts=1,
+        )
+        done = c.wait(job.id, timeout_ms=20_000)
+    assert (done.state, done.attempt) == (State.DONE, 1), done
+    assert done.result_summary != worker
+    assert "warm_worker_gone" in daemon.log_path.read_text()
+
+
 def test_the_daemon_carries_on_when_the_zygote_dies(daemon):
     with daemon.client() as c:
         zygote = call(c, "os:getppid")
@@ -181,6 +266,11 @@ def test_zygote_off_starts_a_new_interpreter_per_job():
             assert call(c, "os:getppid") == d.proc.pid
             if hasattr(os, "SCHED_BATCH"):  # batch work on this path too
                 assert call(c, "os:sched_getscheduler", 0) == os.SCHED_BATCH
+            # And a WARM worker is a new interpreter of its own.
+            worker = call(c, "os:getpid", execution_mode="WARM")
+            assert psutil.Process(worker).ppid() == d.proc.pid
+            assert "--warm" in psutil.Process(worker).cmdline()
+            assert call(c, "os:getpid", execution_mode="WARM") == worker
     finally:
         d.stop()
         remove_home(d.home)

@@ -1202,7 +1202,6 @@ class Zygote:
                     "log_path": log_path,
                     "rlimits": rlimits,
                     "spare": spare,
-                    "warm": log_path is None,
                 }
             )
             # Not cancellable half-way: a reply left unread would be taken as the

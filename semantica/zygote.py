@@ -13,7 +13,7 @@ Protocol, on a SOCK_SEQPACKET Unix socket (fd `SEMANTICA_ZYGOTE_FD`) to the daem
       "spare": pid | null} with two fds (SCM_RIGHTS): the job's stdin (the RunSpec)
      and its result channel; the child makes its working directory and opens its
      log (stdout and stderr). "spare": run it on that spare (see below)
-  -> {..., "warm": true, "log_path": null}: the child becomes a WARM worker instead
+  -> {..., "log_path": null}: the child becomes a WARM worker instead
      (runner.serve_warm), its first fd the control channel its jobs come on; its
      stdout is /dev/null and its stderr the zygote's (the daemon's log) until its
      first job points both at that job's log
@@ -81,7 +81,6 @@ class SpawnRequest(msgspec.Struct, forbid_unknown_fields=True):
     log_path: str | None  # None: a WARM worker (each of its jobs opens its own log)
     rlimits: str
     spare: int | None = None  # run it on the spare of this pid (its claim recorded it)
-    warm: bool = False  # a WARM worker, running job after job, not one job's runner
 
 
 _encode = msgspec.json.Encoder().encode
@@ -194,46 +193,13 @@ def _spare(control: socket.socket, zygote_pid: int) -> None:
 
 def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
     """In the forked child (after _leave_zygote): become the job's runner process,
-    or a WARM worker. Never returns."""
-    if request.warm:
-        _warm_worker(request, fds, zygote_pid)
+    or a WARM worker (no `log_path`). Never returns."""
     code = 1
     try:
-        stdin_fd, result_fd = fds
-        assert request.log_path is not None  # checked by the zygote (warm: above)
-        try:
-            log_fd = runner.open_job_log(request.log_path)
-        except OSError as exc:  # the attempt fails (and is retried) saying why
-            message = f"the runner could not open the job log {request.log_path}: {exc}"
-            runner.ResultChannel(result_fd).send(
-                runner.Result(error_kind="spawn", error_message=message)
-            )
-            os._exit(0)
-        os.dup2(stdin_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        for fd in (stdin_fd, log_fd):
-            if fd > 2:
-                os.close(fd)
-        os.set_inheritable(result_fd, False)
-        runner.enter_work_dir(request.cwd)
-        runner.set_environment(request.env)
-        runner.apply_rlimits(request.rlimits)
-        if not runner.die_with_parent(zygote_pid):
-            sys.stderr.write("semantica runner: the zygote is already gone: not starting\n")
-            os._exit(1)
-        raw = runner._read_spec()
-        try:
-            spec = runner._decode_spec(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            message = f"stdin did not hold a RunSpec ({len(raw)} bytes): {exc}"
-            runner.ResultChannel(result_fd).send(
-                runner._report(runner.Result(error_kind="bad_spec", permanent=True), message)
-            )
-            os._exit(0)
-        runner.run_job(spec, result_fd)
-        os.close(result_fd)
-        runner._exit_despite_stray_threads()
+        if request.log_path is None:
+            _warm_worker(request, fds, zygote_pid)
+        else:
+            _job_runner(request, request.log_path, fds, zygote_pid)
         code = 0
     except SystemExit as exc:  # a plugin's sys.exit(): its status, as a fresh runner's
         code = exc.code if isinstance(exc.code, int) else 1
@@ -246,34 +212,60 @@ def _child(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
         os._exit(code)
 
 
-def _warm_worker(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
-    """In the forked child: become a WARM worker, with the sandbox a worker started as
-    `python -m semantica.runner --warm` has (its own session, the allowlisted
-    environment, umask 077, the limits, the parent-death signal, a subreaper of what
-    its jobs leave). Stdin and stdout are the zygote's /dev/null. Never returns."""
-    code = 1
+def _job_runner(request: SpawnRequest, log_path: str, fds: list[int], zygote_pid: int) -> None:
+    """Run the one job whose spec comes on the first fd, its output in its log."""
+    stdin_fd, result_fd = fds
     try:
-        control_fd, result_fd = fds
-        os.set_inheritable(control_fd, False)
-        os.set_inheritable(result_fd, False)
-        runner.enter_work_dir(request.cwd)
-        runner.set_environment(request.env)
-        runner.apply_rlimits(request.rlimits)
-        if not runner.die_with_parent(zygote_pid):
-            sys.stderr.write("semantica runner: the zygote is already gone: not starting\n")
-            os._exit(1)
-        runner._become_subreaper()
-        runner.serve_warm(control_fd, result_fd, dict(os.environ))
-        code = 0
-    except SystemExit as exc:  # a plugin's sys.exit() in a job: the worker ends with it
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        import traceback
+        log_fd = runner.open_job_log(log_path)
+    except OSError as exc:  # the attempt fails (and is retried) saying why
+        message = f"the runner could not open the job log {log_path}: {exc}"
+        runner.ResultChannel(result_fd).send(
+            runner.Result(error_kind="spawn", error_message=message)
+        )
+        os._exit(0)
+    os.dup2(stdin_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for fd in (stdin_fd, log_fd):
+        if fd > 2:
+            os.close(fd)
+    os.set_inheritable(result_fd, False)
+    _enter_sandbox(request, zygote_pid)
+    raw = runner._read_spec()
+    try:
+        spec = runner._decode_spec(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        message = f"stdin did not hold a RunSpec ({len(raw)} bytes): {exc}"
+        runner.ResultChannel(result_fd).send(
+            runner._report(runner.Result(error_kind="bad_spec", permanent=True), message)
+        )
+        os._exit(0)
+    runner.run_job(spec, result_fd)
+    os.close(result_fd)
+    runner._exit_despite_stray_threads()
 
-        traceback.print_exc()
-    finally:
-        runner._flush_std_streams()
-        os._exit(code)
+
+def _warm_worker(request: SpawnRequest, fds: list[int], zygote_pid: int) -> None:
+    """Be a WARM worker, with the sandbox a worker started as `python -m
+    semantica.runner --warm` has (also a subreaper of what its jobs leave), its jobs
+    coming on the first fd. Stdin and stdout stay the zygote's /dev/null."""
+    control_fd, result_fd = fds
+    os.set_inheritable(control_fd, False)
+    os.set_inheritable(result_fd, False)
+    _enter_sandbox(request, zygote_pid)
+    runner._become_subreaper()
+    runner.serve_warm(control_fd, result_fd, dict(os.environ))
+
+
+def _enter_sandbox(request: SpawnRequest, zygote_pid: int) -> None:
+    """The request's working directory, environment and limits, and SIGKILL once
+    the zygote is gone (exit now if it is already)."""
+    runner.enter_work_dir(request.cwd)
+    runner.set_environment(request.env)
+    runner.apply_rlimits(request.rlimits)
+    if not runner.die_with_parent(zygote_pid):
+        sys.stderr.write("semantica runner: the zygote is already gone: not starting\n")
+        os._exit(1)
 
 
 _spares_wanted = 1  # processes kept forked ahead (SEMANTICA_ZYGOTE_SPARES)
@@ -384,8 +376,6 @@ def _serve(sock: socket.socket) -> int:
                 request = _decode_request(data)
                 if len(fds) != FDS_PER_JOB:
                     raise ValueError(f"{len(fds)} fds instead of {FDS_PER_JOB}")
-                if request.log_path is None and not request.warm:
-                    raise ValueError("no log_path for the job's runner")
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 for fd in fds:
                     os.close(fd)

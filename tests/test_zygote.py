@@ -191,6 +191,14 @@ def test_warm_workers_are_forked_by_the_zygote_with_the_workers_sandbox(daemon, 
     assert psutil.Process(worker).ppid() == zygote
 
 
+def wait_gone(pid: int, message: str, timeout: float = 10.0) -> None:
+    """Wait until `pid` has exited (a zombie counts: its parent may be gone too)."""
+    deadline = time.monotonic() + timeout
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+        assert time.monotonic() < deadline, message
+        time.sleep(0.01)
+
+
 def test_warm_workers_die_with_the_zygote_and_new_ones_take_over(daemon):
     """The zygote's end kills its WARM workers (their parent-death signal): the
     attempt running then fails as killed, to be retried by the policy; the next jobs
@@ -206,23 +214,12 @@ def test_warm_workers_die_with_the_zygote_and_new_ones_take_over(daemon):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         os.kill(zygote, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while psutil.pid_exists(worker) and psutil.Process(worker).status() != "zombie":
-            assert time.monotonic() < deadline, "the WARM worker outlived its zygote"
-            time.sleep(0.01)
+        wait_gone(worker, "the WARM worker outlived its zygote")
         ended = c.wait(job.id, timeout_ms=20_000)
         assert (ended.state, ended.error_kind) == (State.FAILED, "signal"), ended
         later = call(c, "os:getpid", execution_mode="WARM")
         assert later != worker
         assert psutil.Process(later).ppid() not in (zygote, daemon.proc.pid)
-
-
-def wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
-        assert time.monotonic() < deadline, f"{pid} is still there"
-        time.sleep(0.01)
-    time.sleep(0.05)  # and its exit reported to the daemon
 
 
 @pytest.mark.parametrize("killed", ["worker", "zygote"])
@@ -232,7 +229,8 @@ def test_an_idle_warm_worker_that_died_is_not_handed_a_job(daemon, killed):
     with daemon.client() as c:
         worker = call(c, "os:getpid", execution_mode="WARM")
         os.kill(worker if killed == "worker" else psutil.Process(worker).ppid(), signal.SIGKILL)
-        wait_gone(worker)
+        wait_gone(worker, f"the worker {worker} is still there")
+        time.sleep(0.05)  # and its exit reported to the daemon
         job = c.enqueue(
             job_type="python",
             payload={"callable": "os:getpid"},
@@ -249,10 +247,7 @@ def test_the_daemon_carries_on_when_the_zygote_dies(daemon):
     with daemon.client() as c:
         zygote = call(c, "os:getppid")
         os.kill(zygote, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while psutil.pid_exists(zygote) and psutil.Process(zygote).status() != "zombie":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_gone(zygote, "the zygote outlived its SIGKILL")
         # The next job notices, runs all the same, and a new zygote takes over.
         assert call(c, "os:getpid") > 0
         later = call(c, "os:getppid")
@@ -507,10 +502,7 @@ def test_a_forked_runner_dies_with_the_zygote(daemon):
         runner = _running_runner(c, job.id)
         zygote = psutil.Process(runner).ppid()
         os.kill(zygote, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while psutil.pid_exists(runner) and psutil.Process(runner).status() != "zombie":
-            assert time.monotonic() < deadline, "the runner outlived its zygote"
-            time.sleep(0.02)
+        wait_gone(runner, "the runner outlived its zygote", timeout=5)
         ended = c.wait(job.id, timeout_ms=10_000)
     assert ended.state is State.FAILED and ended.error_kind == "signal"
 

@@ -234,7 +234,10 @@ async def test_maintenance_keeps_serving_between_batches(store, home):
         nonlocal ticks
         while True:
             ticks += 1
-            await trio.sleep(0)
+            # Not sleep(0): a task that never waits holds the GIL, and each of
+            # maintenance's file system calls in a thread then waits up to the
+            # interpreter's 5 ms switch interval for it (10 s instead of 0.5).
+            await trio.sleep(0.001)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)

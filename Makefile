@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml runners/pyproject.toml
 run: install
 	$(BIN)/semantica
 
+# The tests mostly wait on daemons and runner processes: one pytest worker per core
+# (pytest-xdist) halves the run on 2 cores. `pytest tests/x.py` runs in one process.
 test: install system-deps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # Tools the tests drive as a user would (curl over the Unix socket). Installed from
 # Debian when missing and we may; otherwise say what to install.

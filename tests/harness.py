@@ -7,6 +7,7 @@ READY=1 on a socket of our own, so tests never sleep-and-poll for readiness.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -178,6 +180,22 @@ def helper_module(tmp_path_factory, module: str, source: str) -> str:
     root = tmp_path_factory.mktemp(module)
     (root / f"{module}.py").write_text(source)
     return str(root)
+
+
+@contextlib.contextmanager
+def running_as_nobody() -> Iterator[None]:
+    """Held while a test runs processes as the user nobody.
+
+    The process limit counts every process of a user, and a test that limits
+    nobody's counts them: a test in another pytest-xdist worker must not start
+    processes as nobody meanwhile. (An exclusive lock on a file; it is let go
+    when the process holding it dies, too.)"""
+    with open(Path(tempfile.gettempdir()) / "semantica-tests-nobody.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def remove_home(home: Path) -> None:

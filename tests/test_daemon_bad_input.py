@@ -28,7 +28,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from harness import API_TEST_QUEUES, Daemon, http_post, ndjson_exchange, remove_home, start_daemon
+from harness import (
+    API_TEST_QUEUES,
+    Daemon,
+    http_post,
+    ndjson_exchange,
+    remove_home,
+    running_as_nobody,
+    start_daemon,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -1437,6 +1445,11 @@ def test_rate_limit_over_http_keep_alive(throttled):
 
 def _as_nobody(path: str, payload: bytes) -> str:
     """Fork a child that drops to `nobody` and talks to the socket; returns what it saw."""
+    with running_as_nobody():
+        return _fork_as_nobody(path, payload)
+
+
+def _fork_as_nobody(path: str, payload: bytes) -> str:
     nobody = pwd.getpwnam("nobody")
     read_end, write_end = os.pipe()
     pid = os.fork()

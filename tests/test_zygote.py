@@ -11,6 +11,7 @@ import signal
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -21,6 +22,7 @@ from harness import (
     live_group_members,
     make_home,
     remove_home,
+    running_as_nobody,
     start_daemon,
 )
 
@@ -297,7 +299,7 @@ def nobody_processes() -> list[tuple[int, str, int]]:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def limited(tmp_path_factory):
     setpriv = shutil.which("setpriv")
     if sys.platform != "linux" or os.geteuid() != 0 or setpriv is None:
@@ -305,6 +307,11 @@ def limited(tmp_path_factory):
             "the process limit is per user and not enforced for root: this needs root "
             "and setpriv(1) to run the daemon as nobody"
         )
+    with running_as_nobody():
+        yield from _limited_daemon(tmp_path_factory, setpriv)
+
+
+def _limited_daemon(tmp_path_factory, setpriv: str) -> Iterator[Daemon]:
     home = make_home()
     as_nobody = home.parent / "python-as-nobody"
     caps = "+dac_override,+dac_read_search"

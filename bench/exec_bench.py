@@ -18,6 +18,11 @@ Latency: WARM enqueue->start p50/p99 over sequential jobs (the daemon's own
 started_at - created_at), then one job after the daemon has sat idle for 60 s
 (--quick: 10 s).
 
+Also, in the same run, the floor under SUBPROCESS on this host: how many forks and
+exits a second a process holding the zygote's imports makes (serial, and one such
+process per worker at once), and what a file and a directory cost to create where
+the homes are (each job makes one of each).
+
 Goals (issue 4): WARM drain >= 1.5x huey's; SUBPROCESS >= 400 jobs/s and >= 0.5x tsp's;
 WARM enqueue->start p99 <= 5 ms, also after an idle minute.
 """
@@ -168,6 +173,59 @@ def tsp_drain(n: int, tmp: Path, round_no: int = 0) -> float | None:
     return rate
 
 
+# A fork-and-exit loop in a process holding what the zygote holds (the runner and
+# every installed plugin, the heap frozen): the most fresh Python processes a second
+# this host can make, before any job work. Prints "forks/s cpu_us_per_fork".
+FORK_FLOOR = """
+import gc, os, resource, sys, time
+from semantica import runner, zygote
+runner._become_subreaper()
+zygote._preload_plugins()
+runner._job_logger()
+gc.collect()
+gc.freeze()
+n = int(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+started = time.perf_counter()
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+took = time.perf_counter() - started
+after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+print(n / took, cpu / n * 1e6)
+"""
+
+
+def fork_floor(n: int, parents: int) -> tuple[float, float]:
+    """(forks/s of all `parents` together, CPU microseconds per fork and exit)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FORK_FLOOR, str(n)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(parents)
+    ]
+    figures = [tuple(map(float, p.communicate()[0].split())) for p in procs]
+    return sum(f[0] for f in figures), statistics.mean(f[1] for f in figures)
+
+
+def file_costs(tmp: Path, n: int = 500) -> tuple[float, float]:
+    """Microseconds to create an empty file and a directory where the homes are: each
+    job makes one of each (its log, its working directory)."""
+    base = Path(tempfile.mkdtemp(prefix="files-", dir=tmp))
+    started = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(base / f"{i}.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600))
+    files = time.perf_counter() - started
+    started = time.perf_counter()
+    for i in range(n):
+        os.mkdir(base / f"d{i}", 0o700)
+    dirs = time.perf_counter() - started
+    return files / n * 1e6, dirs / n * 1e6  # left in place: see LEFT_FOR_LATER
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -213,6 +271,9 @@ def main() -> int:
                 f"huey {hueys[-1] or 0:.0f}, tsp ({TSP_JOBS} true jobs) {tsps[-1] or 0:.0f} jobs/s",
                 flush=True,
             )
+        serial, cpu_per_fork = fork_floor(500, 1)
+        both, _ = fork_floor(500, WORKERS)
+        create_us, mkdir_us = file_costs(tmp)
         sub, warm, hu, tsp = (_median(v) for v in (subs, warms, hueys, tsps))
         assert sub is not None and warm is not None
         p50, p99, after_idle = semantica_latency(
@@ -225,6 +286,12 @@ def main() -> int:
     print(f"{'drain (jobs/s), median':<28}{'Semantica':>12}{'peer':>12}")
     print(f"{'SUBPROCESS vs tsp true':<28}{sub:>12.0f}{(tsp or 0):>12.0f}")
     print(f"{'WARM vs huey process':<28}{warm:>12.0f}{(hu or 0):>12.0f}")
+    print(
+        f"host floor, same run: fork+exit of a process holding the zygote's imports "
+        f"{serial:.0f}/s serial, {both:.0f}/s on {WORKERS} parents ({cpu_per_fork:.0f} us "
+        f"CPU each, before any job work); file create {create_us:.0f} us, mkdir "
+        f"{mkdir_us:.0f} us (a job makes one of each)"
+    )
     print(f"SUBPROCESS >= 400 jobs/s: {verdict(sub >= 400)}")
     if tsp:
         print(f"SUBPROCESS >= 0.5x tsp: {sub / tsp:.2f}x {verdict(sub >= 0.5 * tsp)}")

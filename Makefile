@@ -19,8 +19,10 @@ run: install
 
 # The tests mostly wait on daemons and runner processes: one pytest worker per core
 # (pytest-xdist) halves the run on 2 cores. `pytest tests/x.py` runs in one process.
+# At most 4: in a container, the host's core count is not the CPUs it may use.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=4; echo $$n)
 test: install system-deps lint
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Tools the tests drive as a user would (curl over the Unix socket). Installed from
 # Debian when missing and we may; otherwise say what to install.

@@ -179,12 +179,15 @@ def tsp_drain(n: int, tmp: Path, round_no: int = 0) -> float | None:
 FORK_FLOOR = """
 import gc, os, resource, sys, time
 from semantica import runner, zygote
+runner._add_plugin_path()
 runner._become_subreaper()
+runner.run_as_batch()
 zygote._preload_plugins()
 runner._job_logger()
 gc.collect()
 gc.freeze()
 n = int(sys.argv[1])
+sys.stdin.readline()  # set up: start when told, with the other parents
 before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 started = time.perf_counter()
 for _ in range(n):
@@ -203,11 +206,22 @@ def fork_floor(n: int, parents: int) -> tuple[float, float]:
     """(forks/s of all `parents` together, CPU microseconds per fork and exit)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", FORK_FLOOR, str(n)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", FORK_FLOOR, str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(parents)
     ]
-    figures = [tuple(map(float, p.communicate()[0].split())) for p in procs]
+    time.sleep(1.0)  # each has imported what the zygote imports
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outputs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"the fork floor loop failed: {outputs}")
+    figures = [tuple(map(float, out.split())) for out in outputs]
     return sum(f[0] for f in figures), statistics.mean(f[1] for f in figures)
 
 

@@ -182,20 +182,47 @@ def helper_module(tmp_path_factory, module: str, source: str) -> str:
     return str(root)
 
 
+NOBODY_LOCK_WAIT_S = 300.0
+_nobody_lock: list[int] = []  # the lock's fd while this process holds it, once per holder
+
+
 @contextlib.contextmanager
 def running_as_nobody() -> Iterator[None]:
     """Held while a test runs processes as the user nobody.
 
     The process limit counts every process of a user, and a test that limits
     nobody's counts them: a test in another pytest-xdist worker must not start
-    processes as nobody meanwhile. (An exclusive lock on a file; it is let go
-    when the process holding it dies, too.)"""
-    with open(Path(tempfile.gettempdir()) / "semantica-tests-nobody.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    processes as nobody meanwhile. An exclusive lock on a file (let go when the
+    process holding it dies, too); taken again in the process that holds it, it
+    is already held."""
+    if _nobody_lock:
+        _nobody_lock.append(_nobody_lock[0])
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            _nobody_lock.pop()
+        return
+    path = Path(tempfile.gettempdir()) / "semantica-tests-nobody.lock"
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + NOBODY_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, (
+                    f"{path} stayed locked for {NOBODY_LOCK_WAIT_S:.0f} s: another test "
+                    "process running as nobody hangs (or holds it: see fuser)"
+                )
+                time.sleep(0.05)
+        _nobody_lock.append(fd)
+        try:
+            yield
+        finally:
+            _nobody_lock.pop()
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 def remove_home(home: Path) -> None:

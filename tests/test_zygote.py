@@ -324,13 +324,15 @@ def _limited_daemon(tmp_path_factory, setpriv: str) -> Iterator[Daemon]:
     limit = sum(threads for _pid, _state, threads in nobody_processes()) + SLOTS
     env = daemon_env(home, SEMANTICA_WORKERS="2", SEMANTICA_RUNNER_MAX_PROCESSES=str(limit))
     d = Daemon(home, env, [])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "executable", str(as_nobody))  # what the harness starts
-        d.start()
-    d.helpers = helper_module(tmp_path_factory, "holder", HOLDER_SOURCE)
-    yield d
-    d.stop()
-    remove_home(home)
+    try:  # stopped before the lock is let go, even when it did not start
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "executable", str(as_nobody))  # what the harness starts
+            d.start()
+        d.helpers = helper_module(tmp_path_factory, "holder", HOLDER_SOURCE)
+        yield d
+    finally:
+        d.stop()
+        remove_home(home)
 
 
 def only_daemon_and_zygote_left(d: Daemon, zygote: int, timeout: float = 1.0) -> None:

@@ -46,6 +46,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from harness import remove_home, start_daemon  # noqa: E402
 
+from semantica import runner  # noqa: E402
+
 WORKERS = 2
 # Homes are removed only once every run is over: ext4 skips over inodes freed in the
 # last minute or more when it allocates new ones, so deleting a run's thousands of
@@ -177,17 +179,13 @@ def tsp_drain(n: int, tmp: Path, round_no: int = 0) -> float | None:
 # every installed plugin, the heap frozen): the most fresh Python processes a second
 # this host can make, before any job work. Prints "forks/s cpu_us_per_fork".
 FORK_FLOOR = """
-import gc, os, resource, sys, time
+import os, resource, sys, time
 from semantica import runner, zygote
 runner._add_plugin_path()
-runner._become_subreaper()
-runner.run_as_batch()
-zygote._preload_plugins()
-runner._job_logger()
-gc.collect()
-gc.freeze()
+zygote.prepare_to_fork()
 n = int(sys.argv[1])
-sys.stdin.readline()  # set up: start when told, with the other parents
+print("ready", flush=True)
+sys.stdin.readline()  # start when told, with the other parents
 before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 started = time.perf_counter()
 for _ in range(n):
@@ -213,7 +211,12 @@ def fork_floor(n: int, parents: int) -> tuple[float, float]:
         )
         for _ in range(parents)
     ]
-    time.sleep(1.0)  # each has imported what the zygote imports
+    for p in procs:  # each has imported what the zygote imports
+        assert p.stdout is not None
+        if p.stdout.readline() != "ready\n":
+            for q in procs:
+                q.kill()
+            raise RuntimeError("the fork floor loop could not set up: its error is above")
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
@@ -231,7 +234,7 @@ def file_costs(tmp: Path, n: int = 500) -> tuple[float, float]:
     base = Path(tempfile.mkdtemp(prefix="files-", dir=tmp))
     started = time.perf_counter()
     for i in range(n):
-        os.close(os.open(base / f"{i}.log", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600))
+        os.close(runner.open_job_log(str(base / f"{i}.log")))
     files = time.perf_counter() - started
     started = time.perf_counter()
     for i in range(n):

@@ -940,8 +940,8 @@ class WarmPool:
         return True
 
     async def _spawn(self) -> WarmWorker:
-        """A new worker, once it says it is ready: forked by the zygote (a
-        millisecond or two, its plugins already imported), or a new interpreter
+        """A new worker, once it says it is ready: forked by the zygote (a few
+        milliseconds, its plugins already imported), or a new interpreter
         (100 ms and more) when the zygote is off or cannot be had."""
         launcher = self.launcher
         launcher.make_tree()

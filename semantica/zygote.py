@@ -3,7 +3,8 @@ runner and every plugin, and forks one fresh process per SUBPROCESS job, and the
 WARM pool's workers.
 
 A new interpreter costs ~100 ms of CPU before it runs a line of a job; a fork of this
-process costs about a millisecond, and the child starts with the plugins imported.
+process and its exit cost 1-3 ms by the host (bench/exec_bench.py measures it), and
+the child starts with the plugins imported.
 Each child is still a fresh process for one job: its own session and process group,
 the job's environment, directory, log, resource limits and parent watch, set up
 exactly as `python -m semantica.runner` would.
@@ -503,6 +504,14 @@ def main() -> int:
     parent = os.environ.pop(runner.PARENT_PID_ENV, None)
     if parent and not runner.watch_parent(int(parent), on_gone=_daemon_gone):
         return 1
+    prepare_to_fork()
+    return serve(sock)
+
+
+def prepare_to_fork() -> None:
+    """What every process forked from here starts with: this one a subreaper,
+    SCHED_BATCH, every plugin and the logging machinery imported, the heap frozen.
+    (bench/exec_bench.py forks from a process prepared the same way.)"""
     runner._become_subreaper()
     runner.run_as_batch()  # and so every runner it forks
     _preload_plugins()
@@ -512,7 +521,6 @@ def main() -> int:
     # frozen, it leaves these objects alone.
     gc.collect()
     gc.freeze()
-    return serve(sock)
 
 
 if __name__ == "__main__":

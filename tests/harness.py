@@ -183,7 +183,7 @@ def helper_module(tmp_path_factory, module: str, source: str) -> str:
 
 
 NOBODY_LOCK_WAIT_S = 300.0
-_nobody_lock: list[int] = []  # the lock's fd while this process holds it, once per holder
+_nobody_lock_holders = 0  # in this process (flock is per open file: a nested take would wait)
 
 
 @contextlib.contextmanager
@@ -195,34 +195,33 @@ def running_as_nobody() -> Iterator[None]:
     processes as nobody meanwhile. An exclusive lock on a file (let go when the
     process holding it dies, too); taken again in the process that holds it, it
     is already held."""
-    if _nobody_lock:
-        _nobody_lock.append(_nobody_lock[0])
-        try:
-            yield
-        finally:
-            _nobody_lock.pop()
-        return
+    global _nobody_lock_holders
+    fd = None if _nobody_lock_holders else _take_nobody_lock()
+    _nobody_lock_holders += 1
+    try:
+        yield
+    finally:
+        _nobody_lock_holders -= 1
+        if fd is not None:
+            os.close(fd)  # and the lock with it
+
+
+def _take_nobody_lock() -> int:
     path = Path(tempfile.gettempdir()) / "semantica-tests-nobody.lock"
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + NOBODY_LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                assert time.monotonic() < deadline, (
+    deadline = time.monotonic() + NOBODY_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AssertionError(
                     f"{path} stayed locked for {NOBODY_LOCK_WAIT_S:.0f} s: another test "
                     "process running as nobody hangs (or holds it: see fuser)"
-                )
-                time.sleep(0.05)
-        _nobody_lock.append(fd)
-        try:
-            yield
-        finally:
-            _nobody_lock.pop()
-    finally:
-        os.close(fd)  # and the lock with it
+                ) from None
+            time.sleep(0.05)
 
 
 def remove_home(home: Path) -> None:

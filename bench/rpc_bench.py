@@ -19,10 +19,11 @@ Baselines (same disk):
 - NDJSON echo: a minimal trio server in a subprocess on a Unix socket that writes each
   line back; one sequential client sends the same enqueue lines the daemon gets.
 - the store alone: semantica's own Store in the bench's process, with no RPC, opened
-  as the daemon opens it (group sync: one fsync per commit at FULL), storing the same
-  jobs 1 per commit, 8 per commit (what the concurrent row's group commit makes) and
-  1,000 per commit (a batch). With the echo round trip, these give each goal's ceiling
-  on this host: what no RPC layer in front of this store could exceed here.
+  as the daemon opens it (group sync: one fsync per commit at FULL; checkpoints in a
+  thread, as the daemon's Checkpointer runs them), storing the same jobs 1 per commit,
+  8 per commit (what the concurrent row's group commit makes) and 1,000 per commit (a
+  batch). With the echo round trip, these give each goal's ceiling on this host: what
+  no RPC layer in front of this store could exceed here.
 
 The daemon (`python -m semantica.daemon`, started like tests/harness.py does, READY=1
 awaited over NOTIFY_SOCKET) runs twice on a fresh SEMANTICA_HOME each time:
@@ -63,6 +64,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -283,9 +285,21 @@ def bench_store(
     client), CONCURRENT_CLIENTS single enqueues (the group commit of the concurrent
     row) or one batch of BATCH_SIZE (the batch row)."""
     from semantica.domain import EnqueueRequest
+    from semantica.durability import CHECKPOINT_THRESHOLD_PAGES as CHECKPOINT_PAGES
     from semantica.store import EnqueueGroup, Store
 
     store = Store.open(path, synchronous=synchronous, group_sync=True)
+    # As the daemon's Checkpointer does: checkpoints in a thread, not inside commits.
+    wanted, finished = threading.Event(), False
+
+    def checkpointer() -> None:
+        while wanted.wait() and not finished:
+            wanted.clear()
+            store.checkpoint()
+
+    store.checkpoint_elsewhere(lambda pages: wanted.set(), threshold_pages=CHECKPOINT_PAGES)
+    thread = threading.Thread(target=checkpointer, name="checkpointer", daemon=True)
+    thread.start()
     reqs = [msgspec.convert(job_params(i), EnqueueRequest) for i in range(LINE_POOL)]
     if per_commit == BATCH_SIZE:
         groups = [[EnqueueGroup(reqs[:BATCH_SIZE], batch=True)]]
@@ -306,6 +320,9 @@ def bench_store(
     try:
         figures, _, _ = timed_loop(op, warmup_s, measure_s)
     finally:
+        finished = True
+        wanted.set()
+        thread.join()
         store.close()
     return figures
 

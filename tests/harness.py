@@ -24,6 +24,9 @@ import psutil
 import semantica
 
 READY_TIMEOUT_S = 20.0
+NOTIFY_POLL_S = 0.2  # how often a wait for an sd_notify message checks the daemon lives
+PORT_ATTEMPTS = 3
+_ports_picked_by_harness: set[int] = set()  # daemon_env's choices, not the tests' own
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -51,6 +54,8 @@ class Daemon:
         self.extra_args = extra_args
         self.socket_path = home / "semantica.sock"
         self.port = int(env["SEMANTICA_RPC_PORT"])
+        # daemon_env's pick, which start() may replace (not one the test asked for).
+        self.port_chosen_for_us = self.port in _ports_picked_by_harness
         self.proc: subprocess.Popen | None = None
         self.log_path = home.parent / "daemon.log"
         self._notify: socket.socket | None = None
@@ -60,6 +65,38 @@ class Daemon:
         return (self.home / "token").read_text().strip()
 
     def start(self, wait_ready: bool = True) -> Daemon:
+        """Launch the daemon; with `wait_ready`, return once it is serving.
+
+        `free_port()` lets its port go before the daemon binds it, and a test in
+        another pytest-xdist worker (or any process's outgoing connection) may take
+        it meanwhile. A daemon that exits because of that is started again on
+        another free port; a port the test chose itself is never changed."""
+        for attempt in range(PORT_ATTEMPTS):
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._launch()
+            if not wait_ready:
+                return self
+            try:
+                self.wait_for_notify("READY=1")
+                return self
+            except AssertionError:
+                taken = f"cannot listen on 127.0.0.1:{self.port}: Address already in use"
+                retry = (
+                    self.port_chosen_for_us
+                    and attempt + 1 < PORT_ATTEMPTS
+                    and self.proc is not None
+                    and self.proc.poll() is not None
+                    and taken in self.log()[log_start:]
+                )
+                if not retry:
+                    raise
+                self._close_notify()
+                self.port = free_port()
+                _ports_picked_by_harness.add(self.port)
+                self.env["SEMANTICA_RPC_PORT"] = str(self.port)
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
         notify_path = str(self.home.parent / "notify.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(notify_path)
@@ -74,22 +111,32 @@ class Daemon:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        if wait_ready:
-            self.wait_for_notify("READY=1")
-        return self
 
     def wait_for_notify(self, message: str, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait for an sd_notify message; fail at once if the daemon has exited
+        without sending it (its last messages are read first)."""
         assert self._notify is not None
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            self._notify.settimeout(left)
+            exited = self.proc is not None and self.proc.poll() is not None
+            self._notify.settimeout(0 if exited else min(left, NOTIFY_POLL_S))
             try:
                 got = self._notify.recv(4096).decode()
-            except TimeoutError:
-                break
+            except (TimeoutError, BlockingIOError):
+                if exited:
+                    raise AssertionError(
+                        f"daemon exited ({self.proc.returncode}) without sending {message}; "
+                        f"its log:\n{self.log()}"
+                    ) from None
+                continue
             if message in got.split("\n"):
                 return
         raise AssertionError(f"daemon never sent {message}; its log:\n{self.log()}")
+
+    def _close_notify(self) -> None:
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -120,9 +167,7 @@ class Daemon:
                 f"daemon did not stop on SIGTERM; its log:\n{self.log()}"
             ) from None
         finally:
-            if self._notify is not None:
-                self._notify.close()
-                self._notify = None
+            self._close_notify()
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -145,6 +190,8 @@ def daemon_env(home: Path, **overrides: str) -> dict[str, str]:
         SEMANTICA_LOG_LEVEL="debug",
     )
     env.update(overrides)
+    if "SEMANTICA_RPC_PORT" not in overrides:
+        _ports_picked_by_harness.add(int(env["SEMANTICA_RPC_PORT"]))
     return env
 
 

@@ -15,10 +15,19 @@ import time
 from pathlib import Path
 
 import anyio
+import harness
 import msgspec
 import psutil
 import pytest
-from harness import API_TEST_QUEUES, daemon_env, http_post, make_home, remove_home, start_daemon
+from harness import (
+    API_TEST_QUEUES,
+    Daemon,
+    daemon_env,
+    http_post,
+    make_home,
+    remove_home,
+    start_daemon,
+)
 
 import semantica
 from semantica.domain import State
@@ -592,6 +601,54 @@ def test_rpc_port_0_turns_tcp_off():
     finally:
         d.stop()
         remove_home(d.home)
+
+
+def _listening_on_loopback() -> socket.socket:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
+
+
+def test_a_taken_rpc_port_is_one_line_that_says_what_to_do():
+    with _listening_on_loopback() as taken:
+        port = taken.getsockname()[1]
+        home = make_home()
+        d = Daemon(home, daemon_env(home, SEMANTICA_RPC_PORT=str(port)), [])
+        try:
+            with pytest.raises(AssertionError, match="exited"):
+                d.start()
+            assert d.port == port  # a port the test chose is never changed
+            assert d.proc.returncode == 1
+            events = [json.loads(line) for line in d.log().splitlines()]
+            assert events[-1]["event"] == "daemon_cannot_start"
+            assert events[-1]["error"] == (
+                f"cannot listen on 127.0.0.1:{port}: Address already in use; "
+                "pick another SEMANTICA_RPC_PORT, or 0 to turn TCP off"
+            )
+            assert not (home / "semantica.sock").exists()
+        finally:
+            d.stop()
+            remove_home(home)
+
+
+def test_the_harness_moves_its_own_port_pick_when_another_process_took_it():
+    """free_port() lets its port go before the daemon binds it: a test in another
+    xdist worker may take it meanwhile, and the harness then picks another."""
+    home = make_home()
+    env = daemon_env(home)
+    with _listening_on_loopback() as taken:
+        env["SEMANTICA_RPC_PORT"] = str(taken.getsockname()[1])
+        harness._ports_picked_by_harness.add(taken.getsockname()[1])  # as if picked
+        d = Daemon(home, env, [])
+        try:
+            d.start()
+            assert d.port != taken.getsockname()[1]
+            with d.tcp_client() as c:
+                assert c.health().ok
+        finally:
+            d.stop()
+            remove_home(home)
 
 
 def test_tcp_ndjson_needs_an_auth_call_first(daemon):

@@ -56,6 +56,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -309,16 +310,29 @@ def bench_store(
             for k in range(0, LINE_POOL, per_commit)
         ]
 
+    fsync = [0.0, 0.0]  # seconds in sync_wal: wall, this thread's CPU
+
     def op(i: int) -> int:
         for outcome in store.enqueue_groups(groups[i % len(groups)], now=int(time.time() * 1000)):
             if isinstance(outcome, Exception):
                 raise BenchError(f"the store refused a bench job: {outcome}")
         if store.needs_sync:
+            wall, cpu = time.perf_counter(), time.thread_time()
             store.sync_wal()
+            fsync[0] += time.perf_counter() - wall
+            fsync[1] += time.thread_time() - cpu
         return per_commit
 
+    def probe() -> tuple[float, float, float]:
+        return time.thread_time(), *fsync
+
     try:
-        figures, _, _ = timed_loop(op, warmup_s, measure_s)
+        figures, before, after = timed_loop(op, warmup_s, measure_s, probe)
+        cpu, fsync_wall, fsync_cpu = (a - b for a, b in zip(after, before, strict=True))
+        # This thread's CPU without the fsync, which a daemon may run in another thread
+        # (as it does the checkpoints, which are not in this thread's CPU either).
+        figures["cpu_us_per_job"] = 1e6 * (cpu - fsync_cpu) / figures["jobs"]
+        figures["fsync_ms_per_commit"] = 1e3 * fsync_wall / figures["calls"]
     finally:
         finished = True
         wanted.set()
@@ -365,9 +379,19 @@ def bench_echo(base: Path, warmup_s: float, measure_s: float) -> dict[str, Any]:
             raise BenchError("the echo server did not start")
         client = LineClient(path)
         lines = enqueue_lines(LINE_POOL)
-        figures, _, _ = timed_loop(
-            lambda i: len(client.call(lines[i % LINE_POOL])) and 1, warmup_s, measure_s
+        server = psutil.Process(proc.pid)
+
+        def server_cpu() -> float:
+            times = server.cpu_times()
+            return times.user + times.system
+
+        figures, cpu0, cpu1 = timed_loop(
+            lambda i: len(client.call(lines[i % LINE_POOL])) and 1,
+            warmup_s,
+            measure_s,
+            server_cpu,
         )
+        figures["server_cpu_us_per_call"] = 1e6 * (cpu1 - cpu0) / figures["calls"]
         client.close()
     finally:
         proc.terminate()
@@ -742,6 +766,17 @@ def scratch_dir(explicit: str | None) -> Iterator[Path]:
                 parent.rmdir()
 
 
+def concurrent_ceiling(grouped: dict[str, Any], echo_cpu_us: float) -> float:
+    """The most CONCURRENT_CLIENTS sequential clients could get, jobs/s: the lower of
+    one core spending the store's CPU per job (without the fsync, which may run in
+    another thread) plus an echo server's per round trip, and one fsync at a time
+    covering at most one request per client (each waits for its answer)."""
+    cpu_bound = 1e6 / (grouped["cpu_us_per_job"] + echo_cpu_us)
+    fsync_ms = grouped["fsync_ms_per_commit"]
+    fsync_bound = CONCURRENT_CLIENTS * 1e3 / fsync_ms if fsync_ms > 0 else math.inf
+    return min(cpu_bound, fsync_bound)
+
+
 def goal(text: str, value: float | None, ok: bool) -> dict[str, Any]:
     return {"goal": text, "value": value, "pass": ok}
 
@@ -835,7 +870,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ceilings = {
         "seq_ndjson_full": seq_ceiling("full"),
         "seq_ndjson_normal": seq_ceiling("normal"),
-        "concurrent_full": store("grouped", "full"),
+        "concurrent_full": concurrent_ceiling(
+            baselines["store_grouped_full"], baselines["echo"]["server_cpu_us_per_call"]
+        ),
         "batch_full": store("batch", "full"),
         "batch_normal": store("batch", "normal"),
     }
@@ -898,7 +935,7 @@ def print_table(r: dict[str, Any]) -> None:
         f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} at end"
     )
     print()
-    header = f"{'baseline':<48}{'per second':>12}{'p50 ms':>9}{'p99 ms':>9}"
+    header = f"{'baseline':<48}{'per second':>12}{'p50 ms':>9}{'p99 ms':>9}{'CPU us':>8}"
     print(header)
     print("-" * len(header))
     rows = [("echo", "NDJSON echo round trip (trio server, 1 client)", b["echo"])]
@@ -914,14 +951,16 @@ def print_table(r: dict[str, Any]) -> None:
             label = f"store alone, {what}/commit, {sync}"
             rows.append((name, label, b[f"store_{name}_{sync.lower()}"]))
     for _, label, x in rows:
+        cpu = x.get("cpu_us_per_job", x.get("server_cpu_us_per_call"))
         print(
             f"{label:<48}{x['jobs_per_s']:>12,.0f}{x['latency']['p50_ms']:>9.3f}"
-            f"{x['latency']['p99_ms']:>9.3f}"
+            f"{x['latency']['p99_ms']:>9.3f}{fmt(cpu, '.0f'):>8}"
         )
     print(
         "per second: calls, or jobs for the store alone. store alone: semantica's Store in\n"
         "the bench's process, no RPC, opened as the daemon opens it, one fsync per commit\n"
-        "at FULL; its p50/p99 are per commit"
+        "at FULL; its p50/p99 are per commit. CPU us: the echo server's CPU per round trip;\n"
+        "the store's per job (its thread's, without the fsync and the checkpoints)"
     )
     for sync in ("FULL", "NORMAL"):
         d = r["daemon"][sync]
@@ -995,9 +1034,11 @@ def print_table(r: dict[str, Any]) -> None:
         "ceiling: what the store alone does on this host, so the most that any RPC layer in\n"
         "front of it could reach. A sequential client: the store alone at 1 enqueue per\n"
         "commit, plus one echo round trip per call. "
-        f"{CONCURRENT_CLIENTS} clients: the store alone at\n"
-        f"{CONCURRENT_CLIENTS} enqueues per commit. enqueue_batch: the store alone, "
-        "one batch per commit."
+        f"{CONCURRENT_CLIENTS} clients: the lower of one core\n"
+        f"spending the store's CPU per job at {CONCURRENT_CLIENTS} per commit (fsync aside) "
+        "plus the echo server's per\nround trip, and "
+        f"{CONCURRENT_CLIENTS} jobs per fsync, one fsync at a time. "
+        "enqueue_batch: the store alone."
     )
     print(f"overall: {mark(r['all_pass'])}   (bench wall time {r['wall_seconds']:.0f} s)")
 

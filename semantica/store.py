@@ -342,11 +342,19 @@ SELECT (SELECT latest_generation FROM subjects
 """
 
 # Ready QUEUED jobs of eligible queues that the claim order puts before this one.
+# Per queue that is not paused, the jobs ahead are a prefix of its claim order: a
+# higher priority, or the same and older. Two index ranges per queue, so jobs in
+# paused queues and jobs behind this one are never read (one statement over all
+# QUEUED jobs took 18 ms per jobs.get.v1 with 72,000 of them waiting, most paused).
 SQL_WAIT_AHEAD = """
 SELECT count(*) FROM (
-    SELECT 1 FROM jobs AS j JOIN queues AS q ON q.name = j.queue
-    WHERE j.state = 'QUEUED' AND q.paused = 0 AND j.run_after <= :now
-      AND (j.priority > :priority OR (j.priority = :priority AND j.seq < :seq))
+    SELECT 1 FROM queues AS q CROSS JOIN jobs AS j INDEXED BY jobs_queue_claim_order
+    WHERE q.paused = 0 AND j.queue = q.name AND j.state = 'QUEUED'
+      AND j.priority > :priority AND j.run_after <= :now
+    UNION ALL
+    SELECT 1 FROM queues AS q CROSS JOIN jobs AS j INDEXED BY jobs_queue_claim_order
+    WHERE q.paused = 0 AND j.queue = q.name AND j.state = 'QUEUED'
+      AND j.priority = :priority AND j.seq < :seq AND j.run_after <= :now
     LIMIT :cap)
 """
 WAIT_AHEAD_CAP = 1000  # "1000 or more ahead" is answer enough; the count stays cheap

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from semantica import domain
+from semantica import store as store_module
 from semantica.domain import EnqueueRequest, IllegalTransition, Outcome, State, ValidationError
 from semantica.store import Conditions, JobFilter, NotFound, Store
 
@@ -883,6 +884,48 @@ def test_listing_by_state_merges_the_queues_newest_first_and_pages(store):
         ("a", "QUEUED", 3),
     ).fetchall()
     assert not any("TEMP B-TREE" in row[-1] for row in plan), plan
+
+
+def test_jobs_ahead_counts_the_ready_ones_before_it_in_unpaused_queues(store):
+    """The waiting reason's "N job(s) ahead": ready QUEUED jobs that the claim order
+    puts first (higher priority, or the same and older) in queues not paused,
+    counted from two index ranges per queue, never from a scan of all jobs."""
+    rng = random.Random(7)
+    for i in range(300):
+        enqueue(
+            store,
+            queue=rng.choice(["a", "b", "held"]),
+            priority=rng.choice([-1, 0, 0, 5]),
+            schedule_at=rng.choice([None, None, None, NOW + 1_000]),
+            now=NOW + i,
+        )
+    store.set_queue_paused("held", True, now=NOW + 400)
+    queued, _ = store.list(JobFilter(state=State.QUEUED), limit=500)
+    seq = dict(store.connection.execute("SELECT id, seq FROM jobs"))
+
+    def ahead_by_model(job):
+        return sum(
+            1
+            for other in queued
+            if other.queue != "held"
+            and other.run_after <= NOW + 500
+            and (
+                other.priority > job.priority
+                or (other.priority == job.priority and seq[other.id] < seq[job.id])
+            )
+        )
+
+    for job in rng.sample(queued, 40):
+        facts = store.wait_facts(job, now=NOW + 500, global_limit=0)
+        assert facts.ahead == ahead_by_model(job), job
+    plan = str(
+        store.connection.execute(
+            "EXPLAIN QUERY PLAN " + store_module.SQL_WAIT_AHEAD,
+            {"now": NOW, "priority": 0, "seq": 1, "cap": 1000},
+        ).fetchall()
+    )
+    assert plan.count("SEARCH j USING INDEX jobs_queue_claim_order (queue=? AND priority") == 2
+    assert "SCAN j" not in plan, plan
 
 
 def test_a_batch_supersedes_in_request_order_when_dependents_cascade(store):

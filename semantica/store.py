@@ -1765,8 +1765,6 @@ class Store:
             raise ValidationError("limit", f"must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
         where, args = [], []
         for column, value in (
-            ("state", filters.state.value if filters.state else None),
-            ("queue", filters.queue),
             ("job_type", filters.job_type.lower() if filters.job_type else None),
             ("user_tag", filters.tag),
             ("chain_group_id", filters.chain),
@@ -1782,11 +1780,17 @@ class Store:
                 raise ValidationError("cursor", "is not a cursor this server returned")
             where.append("seq < ?")
             args.append(int(cursor))
-        if filters.state is not None and not any(
-            (filters.queue, filters.tag, filters.chain, filters.subject, filters.parent)
-        ):
-            rows = self._list_state(where, args, limit + 1)
-        else:
+        by_label = any((filters.tag, filters.chain, filters.subject, filters.parent))
+        if (filters.state is not None or filters.queue is not None) and not by_label:
+            rows = self._list_by_queue_state(filters, where, args, limit + 1)
+        else:  # newest first along seq, or along the (label, seq) index of the label
+            for column, value in (
+                ("state", filters.state.value if filters.state else None),
+                ("queue", filters.queue),
+            ):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    args.append(value)
             sql = f"SELECT seq, {JOB_COLUMNS} FROM jobs"
             if where:
                 sql += " WHERE " + " AND ".join(where)
@@ -1796,18 +1800,31 @@ class Store:
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return jobs, next_cursor
 
-    def _list_state(self, where: list[str], args: list[Any], limit: int) -> list[Any]:
-        """Newest first, jobs in one state (and other non-indexed filters): the newest
-        `limit` of each queue from jobs_queue_state (queue, state, seq), merged. An
-        index on (state, seq) would do it in one walk, but every commit would pay for
-        it with one more page in the WAL."""
+    def _list_by_queue_state(
+        self, filters: JobFilter, where: list[str], args: list[Any], limit: int
+    ) -> list[Any]:
+        """Newest first, jobs of one state, of one queue or both (and the filters in
+        `where`, which no index serves): the newest `limit` of each (queue, state)
+        pair from jobs_queue_state (queue, state, seq), merged. Without this, one
+        queue's jobs were sorted whole (230 ms for 100,000), and one state's found by
+        a walk over all jobs. An index on (state, seq) would serve a state alone, but
+        every commit would pay for it with one more page in the WAL."""
         sql = (
-            "SELECT seq FROM jobs INDEXED BY jobs_queue_state "
-            f"WHERE queue = ? AND {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+            "SELECT seq FROM jobs INDEXED BY jobs_queue_state WHERE queue = ? AND state = ?"
+            + "".join(f" AND {condition}" for condition in where)
+            + " ORDER BY seq DESC LIMIT ?"
         )
-        queues = [row[0] for row in self._db.execute("SELECT name FROM queues")]
-        per_queue = [[row[0] for row in self._db.execute(sql, (q, *args, limit))] for q in queues]
-        newest = list(itertools.islice(heapq.merge(*per_queue, reverse=True), limit))
+        if filters.queue is not None:
+            queues = [filters.queue]
+        else:
+            queues = [row[0] for row in self._db.execute("SELECT name FROM queues")]
+        states = [filters.state] if filters.state is not None else list(State)
+        per_pair = [
+            [row[0] for row in self._db.execute(sql, (queue, state.value, *args, limit))]
+            for queue in queues
+            for state in states
+        ]
+        newest = list(itertools.islice(heapq.merge(*per_pair, reverse=True), limit))
         return self._db.execute(SQL_JOBS_BY_SEQ, (_json_encode(newest),)).fetchall()
 
     def check_integrity(self, check: str = "quick_check") -> list[str]:

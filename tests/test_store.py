@@ -862,6 +862,54 @@ def test_the_job_type_filter_ignores_case_as_job_types_do(store):
     assert [j.id for j in jobs] == [job.id]
 
 
+def test_every_filter_combination_lists_as_a_scan_would_newest_first(store, rng):
+    """Whichever index serves a filter (a merge over queues and states, a label's
+    index, or seq), the pages are what filtering every job would give, newest first."""
+    pick = random.Random(3)
+    for i in range(60):
+        enqueue(
+            store,
+            queue=pick.choice(["a", "b", "c"]),
+            job_type=pick.choice(["noop", "sleep"]),
+            user_tag=pick.choice([None, "t"]),
+            subject_key=pick.choice([None, None, f"k{i % 4}"]),
+            now=NOW + i,
+        )
+    for _ in range(8):
+        claim(store, now=NOW + 100)  # some run, and some of those end
+    for job in store.list(JobFilter(state=State.RUNNING))[0][:4]:
+        store.finish(job.id, Outcome(), now=NOW + 100, rng=rng)
+    everything = store.list(limit=1000)[0]
+    assert len({j.state for j in everything}) >= 4
+    filters = {
+        "state": [State.QUEUED, State.DONE, State.RUNNING],
+        "queue": ["a", "c"],
+        "job_type": ["sleep"],
+        "tag": ["t"],
+        "subject": ["k1"],
+    }
+    for combo in itertools.chain.from_iterable(
+        itertools.combinations(filters, n) for n in range(1, 4)
+    ):
+        for values in itertools.product(*(filters[name] for name in combo)):
+            given = dict(zip(combo, values, strict=True))
+            expected = [
+                j.id
+                for j in everything
+                if all(
+                    getattr(j, {"tag": "user_tag", "subject": "subject_key"}.get(k, k)) == v
+                    for k, v in given.items()
+                )
+            ]
+            seen, cursor = [], None
+            while True:
+                page, cursor = store.list(JobFilter(**given), limit=4, cursor=cursor)
+                seen += [j.id for j in page]
+                if cursor is None:
+                    break
+            assert seen == expected, given
+
+
 def test_listing_by_state_merges_the_queues_newest_first_and_pages(store):
     jobs = []
     for i in range(12):

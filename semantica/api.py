@@ -469,6 +469,7 @@ class Api:
             job = result.job
             if job.state is State.QUEUED and job.run_after > now:
                 self.dispatcher.due_at(job.run_after)
+                self.dispatcher.runner_needed_at(job.run_after)
             if job.state is State.QUEUED and job.ttl_ms is not None:
                 self.dispatcher.due_at(job.created_at + job.ttl_ms)
             for job_id in result.superseded_running_ids:

@@ -329,6 +329,14 @@ class Launcher:
         for scope in self._getting_ready:
             scope.cancel()
 
+    def has_runner_ready(self, mode: ExecutionMode) -> bool:
+        """Whether a job of `mode` claimed now would find its process there (or is
+        never to wait for one): an idle WARM worker, or the zygote's free spare."""
+        if mode is ExecutionMode.WARM:
+            return bool(self.warm.idle) or self.warm.spawn_failed is not None
+        zygote = self.zygote
+        return zygote is None or not zygote.keeps_spares() or zygote.has_free_spare()
+
     def runner_starting(self, mode: ExecutionMode) -> str | None:
         """What a ready job of `mode` waits for while its process is got ready."""
         if mode is ExecutionMode.WARM:
@@ -1291,6 +1299,10 @@ class Zygote:
     def _has_free_spare(self) -> bool:
         self.read_ready()
         return self._unreserved_spare() is not None
+
+    def has_free_spare(self) -> bool:
+        """Whether the zygote runs and has forked a spare that no claim has reserved."""
+        return self.sock is not None and self._has_free_spare()
 
     def starting(self) -> str | None:
         """What a SUBPROCESS job waits for while its process is got ready, or None."""

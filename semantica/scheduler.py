@@ -32,6 +32,10 @@ RETRY_MAX_S = 30.0
 # While other jobs run, the ends of attempts gather this long before one sync covers
 # them all (a group-commit window: a sync costs this disk ~250 us).
 ANNOUNCE_GATHER_S = 0.002
+# A job scheduled ahead has its kind of process got ready this long before it is
+# due: the zygote, or a WARM worker, takes 100-300 ms to start, and a daemon's first
+# job of a kind would otherwise start that late.
+RUNNER_LEAD_MS = 1000
 
 
 class _Ended:
@@ -78,6 +82,7 @@ class Dispatcher:
         self._look_everywhere = True
         self._enqueued_into: set[str] = set()
         self._due: list[int] = []  # heap: times at which a queued job becomes ready or expires
+        self._prepare: list[int] = []  # heap: times at which to get the next runner ready
         self._running: dict[str, trio.CancelScope] = {}
         # Subjects whose running job was cancelled or superseded and whose process is
         # still stopping: no job of the subject starts until it is gone (SPEC §3, at
@@ -143,6 +148,18 @@ class Dispatcher:
             # job waited.)
             if nearest is None or when_ms < nearest:
                 self._wake.set()
+
+    def runner_needed_at(self, when_ms: int | None) -> None:
+        """A queued job becomes ready at `when_ms`: have the process of the job that
+        will be claimed then ready by that time (from RUNNER_LEAD_MS before), so that
+        it starts on time even as the first job of its kind."""
+        if when_ms is None:
+            return
+        at = when_ms - RUNNER_LEAD_MS
+        nearest = self._prepare[0] if self._prepare else None
+        heapq.heappush(self._prepare, at)
+        if nearest is None or at < nearest:
+            self._wake.set()  # re-arm the wait (or get it ready now, if `at` has passed)
 
     def stop_job(self, job_id: str, key: tuple[str, str, str | None] | None = None) -> bool:
         """Stop a running job's process group (it was cancelled or superseded). Its
@@ -223,8 +240,10 @@ class Dispatcher:
         for job_id in self.store.expire_overdue(now=self.clock()):
             self.on_job_changed(self.store.get(job_id))
         self.tell_dependents()
-        for when in self.store.next_due_times(now=self.clock()):
-            self.due_at(when)
+        run_after, expiry = self.store.next_due_times(now=self.clock())
+        self.due_at(run_after)
+        self.due_at(expiry)
+        self.runner_needed_at(run_after)
         self._caught_up = True
 
     def _guarded(self, fn: Callable[..., None], *args: object) -> bool:
@@ -261,12 +280,18 @@ class Dispatcher:
         if passed:
             # Jobs queued before this daemon started are not in the heap: ask the
             # store for the next due time each time one passes (rare, and only then).
-            for when in self.store.next_due_times(now=now):
+            run_after, expiry = self.store.next_due_times(now=now)
+            for when in (run_after, expiry):
                 if when is not None:
                     heapq.heappush(self._due, when)
+            self.runner_needed_at(run_after)
             for job_id in self.store.expire_overdue(now=now):  # only when something is due
                 self.on_job_changed(self.store.get(job_id))
             self.tell_dependents()
+        if self._prepare and self._prepare[0] <= now:
+            while self._prepare and self._prepare[0] <= now:
+                heapq.heappop(self._prepare)
+            self._get_runner_ready_ahead(now, jobs)
         claiming = self._may_claim()
         if not claiming and not self._finishing:
             return
@@ -577,10 +602,22 @@ class Dispatcher:
         except Exception as exc:
             log.error("job_change_not_announced", job_id=job.id, error=repr(exc), exc_info=True)
 
+    def _get_runner_ready_ahead(self, now: int, jobs: trio.Nursery) -> None:
+        """A job is due within RUNNER_LEAD_MS: if the job to be claimed by then would
+        wait for its kind of process, start getting one ready now."""
+        mode = self.store.next_claim_mode(
+            now=now + RUNNER_LEAD_MS,
+            conditions=ALL_CONDITIONS,
+            stopping_keys=list(self._stopping_keys.values()),
+        )
+        if mode is not None and not self.launcher.has_runner_ready(mode):
+            self.launcher.get_runner_ready(mode, jobs, self.wake)
+
     def _seconds_to_next_due(self) -> float:
-        if not self._due:
+        nearest = min(self._due[:1] + self._prepare[:1], default=None)
+        if nearest is None:
             return math.inf
-        return max(0.0, (self._due[0] - self.clock()) / 1000)
+        return max(0.0, (nearest - self.clock()) / 1000)
 
     async def _run_job(
         self, job: Job, trace_id: str | None = None, worker: WarmWorker | None = None

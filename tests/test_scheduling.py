@@ -127,6 +127,27 @@ def test_schedule_at_and_ttl_are_kept_to_within_50_ms(client):
     assert doomed.created_at + 400 <= expired.finished_at <= doomed.created_at + 450
 
 
+@pytest.mark.parametrize("mode", ["SUBPROCESS", "WARM"])
+def test_a_new_daemons_first_scheduled_job_starts_on_time(mode):
+    """No process of the job's kind exists yet (the zygote, a WARM worker: 100-300 ms
+    to start): it is got ready ahead of the job's time, not when the job is due."""
+    d = start_daemon()
+    try:
+        with d.client() as c:
+            at = now_ms() + 2_000  # its process is got ready from 1 s before
+            job = c.enqueue(job_type="noop", execution_mode=mode, schedule_at=at)
+            time.sleep(0.3)
+            assert "scheduled" in c.get(job.id).waiting_reason  # nothing is started yet
+            events = [json.loads(line)["event"] for line in d.log().splitlines()]
+            assert "zygote_started" not in events and "warm_worker_started" not in events
+            ran = c.wait(job.id, timeout_ms=10_000)
+        assert ran.state is State.DONE
+        assert at <= ran.started_at <= at + 50, ran.started_at - at
+    finally:
+        d.stop()
+        remove_home(d.home)
+
+
 def test_a_ttl_that_passed_before_the_enqueue_was_answered_still_expires(client):
     """The expiry time was dropped when it had passed by the time the dispatcher
     heard of the job (ttl_ms=1: the enqueue's own commit takes longer), and nothing

@@ -604,7 +604,11 @@ class Dispatcher:
 
     def _get_runner_ready_ahead(self, now: int, jobs: trio.Nursery) -> None:
         """A job is due within RUNNER_LEAD_MS: if the job to be claimed by then would
-        wait for its kind of process, start getting one ready now."""
+        wait for its kind of process, start getting one ready now. Not while every
+        worker slot is taken: the job waits for a slot then, and the process of the
+        job that frees it (a WARM worker back in the pool) is likely its own."""
+        if len(self._running) >= self.workers:
+            return
         mode = self.store.next_claim_mode(
             now=now + RUNNER_LEAD_MS,
             conditions=ALL_CONDITIONS,

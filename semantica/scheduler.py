@@ -83,6 +83,7 @@ class Dispatcher:
         self._enqueued_into: set[str] = set()
         self._due: list[int] = []  # heap: times at which a queued job becomes ready or expires
         self._prepare: list[int] = []  # heap: times at which to get the next runner ready
+        self._runner_due = False  # one of those times has passed: see after this look
         self._running: dict[str, trio.CancelScope] = {}
         # Subjects whose running job was cancelled or superseded and whose process is
         # still stopping: no job of the subject starts until it is gone (SPEC §3, at
@@ -161,6 +162,16 @@ class Dispatcher:
         if nearest is None or at < nearest:
             self._wake.set()  # re-arm the wait (or get it ready now, if `at` has passed)
 
+    def _runner_needed_at_next_look(self, when_ms: int | None) -> None:
+        """`runner_needed_at` from within a look: the wait that follows it counts
+        this time already, so the loop is not woken for another look at once."""
+        if when_ms is None:
+            return
+        if when_ms - RUNNER_LEAD_MS <= self.clock():
+            self._runner_due = True  # seen to right after this look
+        else:
+            heapq.heappush(self._prepare, when_ms - RUNNER_LEAD_MS)
+
     def stop_job(self, job_id: str, key: tuple[str, str, str | None] | None = None) -> bool:
         """Stop a running job's process group (it was cancelled or superseded). Its
         subject `key` (queue, job_type, subject_key) stays taken until the process
@@ -230,6 +241,9 @@ class Dispatcher:
                 self._wake = trio.Event()
                 if self._guarded(self.step, jobs):
                     self._failures = 0
+                if self._runner_due:  # after the claims: the idle workers left are known
+                    self._runner_due = False
+                    self._get_runner_ready_ahead(jobs)
                 delay = self._seconds_to_next_due()
                 with trio.move_on_after(delay):
                     await self._wake.wait()
@@ -243,7 +257,7 @@ class Dispatcher:
         run_after, expiry = self.store.next_due_times(now=self.clock())
         self.due_at(run_after)
         self.due_at(expiry)
-        self.runner_needed_at(run_after)
+        self._runner_needed_at_next_look(run_after)
         self._caught_up = True
 
     def _guarded(self, fn: Callable[..., None], *args: object) -> bool:
@@ -273,6 +287,10 @@ class Dispatcher:
         passed = bool(self._due) and self._due[0] <= now
         while self._due and self._due[0] <= now:
             heapq.heappop(self._due)
+        # The same for the times to get a runner ready; it is done after the claims.
+        while self._prepare and self._prepare[0] <= now:
+            heapq.heappop(self._prepare)
+            self._runner_due = True
         if passed:
             self._look_everywhere = True  # a time passed: any queue may have a ready job
         if not self._caught_up:
@@ -284,14 +302,10 @@ class Dispatcher:
             for when in (run_after, expiry):
                 if when is not None:
                     heapq.heappush(self._due, when)
-            self.runner_needed_at(run_after)
+            self._runner_needed_at_next_look(run_after)
             for job_id in self.store.expire_overdue(now=now):  # only when something is due
                 self.on_job_changed(self.store.get(job_id))
             self.tell_dependents()
-        if self._prepare and self._prepare[0] <= now:
-            while self._prepare and self._prepare[0] <= now:
-                heapq.heappop(self._prepare)
-            self._get_runner_ready_ahead(now, jobs)
         claiming = self._may_claim()
         if not claiming and not self._finishing:
             return
@@ -602,20 +616,29 @@ class Dispatcher:
         except Exception as exc:
             log.error("job_change_not_announced", job_id=job.id, error=repr(exc), exc_info=True)
 
-    def _get_runner_ready_ahead(self, now: int, jobs: trio.Nursery) -> None:
+    def _get_runner_ready_ahead(self, jobs: trio.Nursery) -> None:
         """A job is due within RUNNER_LEAD_MS: if the job to be claimed by then would
         wait for its kind of process, start getting one ready now. Not while every
         worker slot is taken: the job waits for a slot then, and the process of the
-        job that frees it (a WARM worker back in the pool) is likely its own."""
+        job that frees it (a WARM worker back in the pool) is likely its own. Only a
+        help: if the store fails here, the job starts when its process is there."""
         if len(self._running) >= self.workers:
             return
-        mode = self.store.next_claim_mode(
-            now=now + RUNNER_LEAD_MS,
-            conditions=ALL_CONDITIONS,
-            stopping_keys=list(self._stopping_keys.values()),
-        )
-        if mode is not None and not self.launcher.has_runner_ready(mode):
-            self.launcher.get_runner_ready(mode, jobs, self.wake)
+        try:
+            mode = self.store.next_claim_mode(
+                now=self.clock() + RUNNER_LEAD_MS,
+                conditions=ALL_CONDITIONS,
+                stopping_keys=list(self._stopping_keys.values()),
+            )
+            if mode is not None and not self.launcher.has_runner_ready(mode):
+                self.launcher.get_runner_ready(mode, jobs, self.wake)
+        except Exception as exc:
+            log.warning(
+                "runner_not_got_ready_ahead",
+                error=str(exc) if isinstance(exc, StorageUnavailable) else repr(exc),
+                exc_info=not isinstance(exc, StorageUnavailable),
+                advice="the scheduled job starts once its process is there",
+            )
 
     def _seconds_to_next_due(self) -> float:
         nearest = min(self._due[:1] + self._prepare[:1], default=None)

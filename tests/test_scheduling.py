@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -142,6 +143,10 @@ def test_a_new_daemons_first_scheduled_job_starts_on_time(mode):
             assert "zygote_started" not in events and "warm_worker_started" not in events
             ran = c.wait(job.id, timeout_ms=10_000)
         assert ran.state is State.DONE
+        started = {"SUBPROCESS": "zygote_started", "WARM": "warm_worker_started"}[mode]
+        [ready] = [e for e in map(json.loads, d.log().splitlines()) if e["event"] == started]
+        ready_ms = datetime.fromisoformat(ready["ts"].replace("Z", "+00:00")).timestamp() * 1000
+        assert ready_ms < at, f"its process was ready {ready_ms - at:.0f} ms after its time"
         assert at <= ran.started_at <= at + 50, ran.started_at - at
     finally:
         d.stop()
@@ -668,6 +673,9 @@ class LauncherDouble:
     def give_back_fresh_runner(self, pid):
         pass  # a job's end, with the pid it recorded (never a reserved one here)
 
+    def has_runner_ready(self, mode):
+        return True  # there is never a process to get ready ahead
+
 
 class HeldLauncher(LauncherDouble):
     """Starts nothing: every admitted job stays RUNNING until the test ends."""
@@ -817,6 +825,37 @@ async def test_a_gated_job_waiting_on_its_condition_does_not_spin_the_dispatcher
             # One look at the start (and one more at most for the wake-up it asks for);
             # the next is one sample interval later, not at once and again.
             assert dispatcher.wakeups <= 2 and len(reads) <= 2, (dispatcher.wakeups, len(reads))
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_a_failing_store_with_a_runner_to_get_ready_does_not_spin(tmp_path):
+    """A time to get a runner ready that has passed leaves the heap first, as a due
+    time does: if the look then fails (here: the store, at every look's catch-up),
+    the next look waits for the back-off instead of running again at once."""
+    store = Store.open(tmp_path / "meta.db")
+
+    def disk_full(**_):
+        raise StorageUnavailable("the disk is full (a test)")
+
+    store.expire_overdue = disk_full
+    dispatcher = Dispatcher(
+        store,
+        HeldLauncher(),
+        workers=2,
+        clock=lambda: time.time_ns() // 1_000_000,
+        conditions=lambda: ALL_CONDITIONS,
+        on_job_changed=lambda job: None,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            await trio.sleep(0.05)
+            before = dispatcher.wakeups
+            dispatcher.runner_needed_at(now_ms() + 500)  # due within the lead already
+            await trio.sleep(0.3)
+            assert dispatcher.wakeups - before <= 2, dispatcher.wakeups - before
             nursery.cancel_scope.cancel()
     finally:
         store.close()

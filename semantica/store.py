@@ -1819,13 +1819,16 @@ class Store:
         else:
             queues = [row[0] for row in self._db.execute("SELECT name FROM queues")]
         states = [filters.state] if filters.state is not None else list(State)
-        per_pair = [
-            [row[0] for row in self._db.execute(sql, (queue, state.value, *args, limit))]
-            for queue in queues
-            for state in states
-        ]
-        newest = list(itertools.islice(heapq.merge(*per_pair, reverse=True), limit))
-        return self._db.execute(SQL_JOBS_BY_SEQ, (_json_encode(newest),)).fetchall()
+        # One read transaction: a job changing state between two of these reads
+        # (another connection writing) would be in two lists, or in none.
+        with self._db:
+            per_pair = [
+                [row[0] for row in self._db.execute(sql, (queue, state.value, *args, limit))]
+                for queue in queues
+                for state in states
+            ]
+            newest = list(itertools.islice(heapq.merge(*per_pair, reverse=True), limit))
+            return self._db.execute(SQL_JOBS_BY_SEQ, (_json_encode(newest),)).fetchall()
 
     def check_integrity(self, check: str = "quick_check") -> list[str]:
         """Run PRAGMA quick_check or integrity_check; return the problems (empty: healthy).

@@ -26,7 +26,6 @@ import semantica
 READY_TIMEOUT_S = 20.0
 NOTIFY_POLL_S = 0.2  # how often a wait for an sd_notify message checks the daemon lives
 PORT_ATTEMPTS = 3
-_ports_picked_by_harness: set[int] = set()  # daemon_env's choices, not the tests' own
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -55,7 +54,7 @@ class Daemon:
         self.socket_path = home / "semantica.sock"
         self.port = int(env["SEMANTICA_RPC_PORT"])
         # daemon_env's pick, which start() may replace (not one the test asked for).
-        self.port_chosen_for_us = self.port in _ports_picked_by_harness
+        self.port_chosen_for_us = isinstance(env, DaemonEnv) and env.picked_port == self.port
         self.proc: subprocess.Popen | None = None
         self.log_path = home.parent / "daemon.log"
         self._notify: socket.socket | None = None
@@ -86,13 +85,12 @@ class Daemon:
                     and attempt + 1 < PORT_ATTEMPTS
                     and self.proc is not None
                     and self.proc.poll() is not None
-                    and taken in self.log()[log_start:]
+                    and taken in self.log_path.read_bytes()[log_start:].decode(errors="replace")
                 )
                 if not retry:
                     raise
                 self._close_notify()
                 self.port = free_port()
-                _ports_picked_by_harness.add(self.port)
                 self.env["SEMANTICA_RPC_PORT"] = str(self.port)
         raise AssertionError("unreachable")
 
@@ -181,8 +179,17 @@ def make_home(prefix: str = "sem-") -> Path:
     return base / "home"
 
 
-def daemon_env(home: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEMANTICA_", "NOTIFY_"))}
+class DaemonEnv(dict):
+    """A daemon's environment, knowing the TCP port daemon_env picked for it (None:
+    the test chose the port itself); a copy of it is a plain dict, with no pick."""
+
+    picked_port: int | None = None
+
+
+def daemon_env(home: Path, **overrides: str) -> DaemonEnv:
+    env = DaemonEnv(
+        (k, v) for k, v in os.environ.items() if not k.startswith(("SEMANTICA_", "NOTIFY_"))
+    )
     env.update(
         SEMANTICA_HOME=str(home),
         SEMANTICA_RPC_PORT=str(free_port()),
@@ -191,7 +198,7 @@ def daemon_env(home: Path, **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     if "SEMANTICA_RPC_PORT" not in overrides:
-        _ports_picked_by_harness.add(int(env["SEMANTICA_RPC_PORT"]))
+        env.picked_port = int(env["SEMANTICA_RPC_PORT"])
     return env
 
 

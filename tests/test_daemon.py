@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import anyio
-import harness
 import msgspec
 import psutil
 import pytest
@@ -639,7 +638,7 @@ def test_the_harness_moves_its_own_port_pick_when_another_process_took_it():
     env = daemon_env(home)
     with _listening_on_loopback() as taken:
         env["SEMANTICA_RPC_PORT"] = str(taken.getsockname()[1])
-        harness._ports_picked_by_harness.add(taken.getsockname()[1])  # as if picked
+        env.picked_port = taken.getsockname()[1]  # as if free_port() had picked it
         d = Daemon(home, env, [])
         try:
             d.start()

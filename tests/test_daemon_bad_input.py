@@ -37,7 +37,7 @@ from harness import (
     running_as_nobody,
     start_daemon,
 )
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from semantica import protocol as p
@@ -1748,12 +1748,20 @@ def check_replies(message: Any, replies: list[Any]) -> None:
             assert_response(item)
             assert item.get("error", {}).get("code") != p.INTERNAL_ERROR, item
         echoed = collections.Counter(json.dumps(i["id"]) for i in batch if i["id"] is not None)
-        expected = collections.Counter(
-            json.dumps(m["id"])
-            for m in owed
-            if isinstance(m, dict) and _valid_id(m["id"]) and m["id"] is not None
-        )
-        assert echoed == expected, (message, batch)
+
+        def ids(members: list[Any]) -> collections.Counter:
+            return collections.Counter(
+                json.dumps(m["id"])
+                for m in members
+                if isinstance(m, dict) and _valid_id(m["id"]) and m["id"] is not None
+            )
+
+        # A member holding "\ud800" may be refused as invalid JSON on its own, its id
+        # not found (as _check_single allows for a single message); every other
+        # member's id comes back.
+        expected = ids([m for m in owed if not _has_lone_surrogate(m)])
+        may_echo = expected + ids([m for m in owed if _has_lone_surrogate(m)])
+        assert expected <= echoed <= may_echo, (message, batch)
         return
     if isinstance(message, dict) and "id" not in message:
         if replies:  # a valid notification is owed nothing; an invalid one an error
@@ -1769,6 +1777,10 @@ def check_replies(message: Any, replies: list[Any]) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(message=messages, ascii_only=st.booleans())
+@example(  # found in CI: the member with "\ud800" is refused on its own, its id unread
+    message=[{"jsonrpc": "2.0", "method": "", "id": 0, "": None}, {"method": "\ud800", "id": 0}],
+    ascii_only=False,
+)
 def test_fuzz_every_reply_is_a_json_rpc_response(daemon, fuzz_conn, message, ascii_only):
     data = _encode(message, ascii_only)
     assert b"\n" not in data

@@ -332,10 +332,12 @@ class Launcher:
     def has_runner_ready(self, mode: ExecutionMode) -> bool:
         """Whether a job of `mode` claimed now would find its process there (or is
         never to wait for one): an idle WARM worker, or the zygote's free spare."""
+        if self.claims_without_runner(mode):
+            return True
         if mode is ExecutionMode.WARM:
-            return bool(self.warm.idle) or self.warm.spawn_failed is not None
-        zygote = self.zygote
-        return zygote is None or not zygote.keeps_spares() or zygote.has_free_spare()
+            return bool(self.warm.idle)
+        assert self.zygote is not None  # (else claimed without one)
+        return self.zygote.has_free_spare()
 
     def runner_starting(self, mode: ExecutionMode) -> str | None:
         """What a ready job of `mode` waits for while its process is got ready."""
@@ -1278,9 +1280,9 @@ class Zygote:
                     if self.sock is None:
                         await self._start()  # within its own ZYGOTE_START_TIMEOUT_S
             with trio.move_on_after(SPARE_WAIT_S) as waited:
-                while self.keeps_spares() and not self._has_free_spare():
+                while self.keeps_spares() and not self.has_free_spare():
                     await self.pump(_NEVER)
-            if waited.cancelled_caught and not self._has_free_spare():
+            if waited.cancelled_caught and not self.has_free_spare():
                 self._no_spare = f"no spare from the zygote in {SPARE_WAIT_S:g} s"
         except ZygoteGone as exc:
             self._no_spare = str(exc)
@@ -1296,13 +1298,11 @@ class Zygote:
             self._awaiting_spare = False
             ready()
 
-    def _has_free_spare(self) -> bool:
+    def has_free_spare(self) -> bool:
+        """Whether the zygote has forked a spare that no claim has reserved (none
+        while it is not running: its spares are forgotten when it closes)."""
         self.read_ready()
         return self._unreserved_spare() is not None
-
-    def has_free_spare(self) -> bool:
-        """Whether the zygote runs and has forked a spare that no claim has reserved."""
-        return self.sock is not None and self._has_free_spare()
 
     def starting(self) -> str | None:
         """What a SUBPROCESS job waits for while its process is got ready, or None."""

@@ -7,6 +7,7 @@ its commit. Store errors become RpcErrors with a stable code here and nowhere el
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -132,18 +133,19 @@ class GroupCommitter:
             batch: list[_PendingEnqueue] | None = None
             try:
                 company = self.may_have_company()
-                if company or self._durable is not None:
-                    # Shielded: a leader cancelled while it waits would strand the
-                    # requests it carries.
-                    with trio.CancelScope(shield=True):
-                        if company:
-                            await self._gather()
-                        batch = self._take_pending()
-                        self._commit(batch)
-                        await self._sync(batch)
-                else:  # alone, and no fsync to wait for: nothing awaits, nothing to shield
-                    batch = self._take_pending()
+                # Shielded: a leader cancelled while it waits would strand the requests
+                # it carries. Alone, with no fsync to wait for, nothing below awaits:
+                # then there is nothing to shield, and the scope's cost is saved.
+                waits = company or self._durable is not None
+                with trio.CancelScope(shield=True) if waits else contextlib.nullcontext():
+                    if company:
+                        await self._gather()
+                    batch, self._pending = self._pending, []
+                    # Those arriving from here on lead a commit of their own meanwhile
+                    # (so `_leading` is theirs, not to be reset below).
+                    self._leading = False
                     self._commit(batch)
+                    await self._sync(batch)  # returns at once without `durable`
             finally:
                 if batch is None:  # nothing was taken: let the next one lead
                     self._leading = False
@@ -155,13 +157,6 @@ class GroupCommitter:
             raise pending.outcome
         assert pending.outcome is not None
         return pending.outcome
-
-    def _take_pending(self) -> list[_PendingEnqueue]:
-        batch, self._pending = self._pending, []
-        # Those arriving from here on lead a commit of their own meanwhile (so
-        # `_leading` is theirs, not to be reset by this leader).
-        self._leading = False
-        return batch
 
     async def _gather(self) -> None:
         """Turns of the event loop before the commit, so that it carries more

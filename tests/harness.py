@@ -53,8 +53,6 @@ class Daemon:
         self.extra_args = extra_args
         self.socket_path = home / "semantica.sock"
         self.port = int(env["SEMANTICA_RPC_PORT"])
-        # daemon_env's pick, which start() may replace (not one the test asked for).
-        self.port_chosen_for_us = isinstance(env, DaemonEnv) and env.picked_port == self.port
         self.proc: subprocess.Popen | None = None
         self.log_path = home.parent / "daemon.log"
         self._notify: socket.socket | None = None
@@ -81,7 +79,7 @@ class Daemon:
             except AssertionError:
                 taken = f"cannot listen on 127.0.0.1:{self.port}: Address already in use"
                 retry = (
-                    self.port_chosen_for_us
+                    self.port_chosen_for_us()
                     and attempt + 1 < PORT_ATTEMPTS
                     and self.proc is not None
                     and self.proc.poll() is not None
@@ -90,9 +88,14 @@ class Daemon:
                 if not retry:
                     raise
                 self._close_notify()
-                self.port = free_port()
+                self.port = self.env.picked_port = free_port()
                 self.env["SEMANTICA_RPC_PORT"] = str(self.port)
         raise AssertionError("unreachable")
+
+    def port_chosen_for_us(self) -> bool:
+        """Whether the port is daemon_env's pick, which start() may replace (not one
+        the test asked for)."""
+        return isinstance(self.env, DaemonEnv) and self.env.picked_port == self.port
 
     def _launch(self) -> None:
         notify_path = str(self.home.parent / "notify.sock")

@@ -1021,11 +1021,8 @@ def print_table(r: dict[str, Any]) -> None:
     print("-" * 96)
     for key, g in r["goals"].items():
         ceiling = g.get("ceiling")
-        beyond = (
-            ""
-            if ceiling is None or g["pass"]
-            else ("; above the ceiling" if not g["goal_within_ceiling"] else "")
-        )
+        above = not g["pass"] and not g.get("goal_within_ceiling", True)
+        beyond = "; above the ceiling" if above else ""
         print(
             f"{labels[key]:<50}{g['value']:>10,.1f}{fmt(ceiling, ',.0f'):>10}  "
             f"{mark(g['pass'])} ({g['goal']}{beyond})"

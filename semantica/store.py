@@ -1814,14 +1814,14 @@ class Store:
             + "".join(f" AND {condition}" for condition in where)
             + " ORDER BY seq DESC LIMIT ?"
         )
-        if filters.queue is not None:
-            queues = [filters.queue]
-        else:
-            queues = [row[0] for row in self._db.execute("SELECT name FROM queues")]
         states = [filters.state] if filters.state is not None else list(State)
         # One read transaction: a job changing state between two of these reads
         # (another connection writing) would be in two lists, or in none.
         with self._db:
+            if filters.queue is not None:
+                queues = [filters.queue]
+            else:
+                queues = [row[0] for row in self._db.execute("SELECT name FROM queues")]
             per_pair = [
                 [row[0] for row in self._db.execute(sql, (queue, state.value, *args, limit))]
                 for queue in queues
